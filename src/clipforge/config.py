@@ -1,0 +1,366 @@
+"""Typed experiment configs: YAML files + dotted command-line overrides, validated before any work.
+
+An experiment config is a tree of dataclasses. Every leaf has a type, and optionally a range or a set of
+choices in its field metadata. `load_config(path, overrides)` reads the YAML (safe loader only, so no
+Python objects can be constructed), applies `a.b.c=value` overrides, and checks every key. Any problem
+raises `ConfigError` with one line naming the key, the file and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from clipforge.errors import ConfigError
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+def positive(default, **kw):
+    return field(default=default, metadata=_range(0, None, lo_open=True), **kw)
+
+
+def non_negative(default, **kw):
+    return field(default=default, metadata=_range(0, None), **kw)
+
+
+def between(default, lo, hi, **kw):
+    return field(default=default, metadata=_range(lo, hi), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The config tree
+
+
+@dataclass
+class SynthConfig:
+    """SynthScenes generated into `<output_dir>/data` when `data.train` is `synth`."""
+
+    num_train: int = positive(4096)
+    num_val: int = positive(1024)
+    image_size: int = between(64, 16, 1024)
+    seed: int = 0
+    shard_size: int = positive(1024)
+    omit_fraction: float = between(0.3, 0.0, 1.0)  # share of objects left out of global captions
+    long_tail: float = non_negative(0.0)  # Zipf exponent for class frequencies; 0 = balanced
+
+
+@dataclass
+class DataConfig:
+    train: str = "synth"  # "synth", a shard folder / glob / brace pattern, a .csv, or an ImageFolder root
+    val: str | None = None  # same kinds; None = the synth validation split when train is synth
+    format: Literal["auto", "wds", "csv", "imagefolder"] = "auto"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    batch_size: int = positive(128)
+    workers: int = non_negative(0)
+    shuffle_buffer: int = non_negative(1000)
+    max_regions: int = positive(4)  # regions per image sampled per step (region objectives)
+    augment: bool = False  # RandomResizedCrop(scale=(0.9, 1)) as open_clip does
+    strict: bool = False  # bad samples raise instead of being skipped and counted
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "caption"
+    csv_separator: str = ","
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clipforge-vit-tiny"  # an open_clip architecture name, or a path to a model-config JSON/YAML
+    pretrained: str | None = None  # an open_clip pretrained tag (online), or a local checkpoint file
+    precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
+    lock_image: bool = False
+    lock_text: bool = False
+    grad_checkpointing: bool = False
+    trust_pickle: bool = False  # allow loading pickled (.pt/.bin) checkpoints, which can run code
+
+
+@dataclass
+class ClipObjectiveConfig:
+    local_loss: bool = True
+    gather_with_grad: bool = True
+
+
+@dataclass
+class SiglipObjectiveConfig:
+    init_logit_scale: float = 2.302585092994046  # ln 10
+    init_logit_bias: float = -10.0
+
+
+@dataclass
+class FineclipObjectiveConfig:
+    w_global: float = non_negative(1.0)
+    w_distill: float = non_negative(1.0)
+    w_region: float = non_negative(1.0)
+    crop_scale: float = between(1.5, 1.0, 4.0)  # crops enlarged around each box before resizing
+    teacher_resolution: int | None = None  # None = model input size
+    teacher_stop_grad: bool = True
+    freeze_text: bool = True  # the official code freezes the text tower
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["clip", "siglip", "fineclip"] = "clip"
+    clip: ClipObjectiveConfig = field(default_factory=ClipObjectiveConfig)
+    siglip: SiglipObjectiveConfig = field(default_factory=SiglipObjectiveConfig)
+    fineclip: FineclipObjectiveConfig = field(default_factory=FineclipObjectiveConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = positive(10)
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    lr: float = positive(5e-4)
+    weight_decay: float = non_negative(0.2)
+    beta1: float = between(0.9, 0.0, 1.0)
+    beta2: float = between(0.98, 0.0, 1.0)
+    eps: float = positive(1e-6)
+    warmup_steps: int = non_negative(100)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip_norm: float | None = None
+    accum_steps: int = positive(1)
+    log_every: int = positive(10)
+    save_every_steps: int | None = None  # also save mid-epoch every N steps
+    keep_last: int = positive(2)
+    nan_policy: Literal["stop", "skip"] = "stop"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(
+        default_factory=lambda: ["zeroshot", "retrieval", "linear_probe", "fewshot", "robustness"]
+    )
+    templates: str = "synthscenes"  # a bundled set name (synthscenes | openai_imagenet) or a file path
+    num_eval: int = positive(1000)  # SynthScenes images per evaluated split
+    batch_size: int = positive(256)
+    fewshot_ways: int = positive(5)
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    fewshot_episodes: int = positive(100)
+    seed: int = 0
+    at_end: bool = True  # evaluate after training
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.replace("${name}", self.name))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config class, e.g. 'train.lr'."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(all_keys(tp, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _nearest(key: str) -> str:
+    keys = all_keys()
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+    if not match:  # compare the last component, which is usually where the typo is
+        match = [keys[0]]
+    return match[0]
+
+
+def _fail(source: str, key: str, problem: str, suggest: bool = False) -> None:
+    hint = f"; did you mean '{_nearest(key)}'?" if suggest else ""
+    raise ConfigError(f"{source}: key '{key}' {problem}{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            _fail(source, key, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(source, key, f"must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(source, key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(source, key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(source, key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(source, key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: key '{key}' has unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _check_range(value: Any, meta: dict, key: str, source: str) -> None:
+    if value is None or not meta or isinstance(value, list):
+        return
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        _fail(source, key, f"must be {bound}, got {value!r}")
+    if hi is not None and value > hi:
+        _fail(source, key, f"must be <= {hi}, got {value!r}")
+
+
+def _build(cls: type, raw: dict, source: str, prefix: str = ""):
+    if not isinstance(raw, dict):
+        _fail(source, prefix.rstrip(".") or "<root>", f"must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            _fail(source, f"{prefix}{key}", "is unknown", suggest=True)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        tp, value, key = hints[f.name], raw[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value if value is not None else {}, source, f"{key}.")
+        else:
+            kwargs[f.name] = _coerce(value, tp, key, source)
+            _check_range(kwargs[f.name], f.metadata, key, source)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):  # defaults are checked too (they could be changed by code)
+        if f.name not in raw and not dataclasses.is_dataclass(hints[f.name]):
+            _check_range(getattr(obj, f.name), f.metadata, f"{prefix}{f.name}", source)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-3' -> ('train.lr', 0.001). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.lr=1e-3)")
+    key, _, value = text.partition("=")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str):  # YAML reads '1e-3' as a string; accept it as a number
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
+        except ValueError:
+            pass
+    return key.strip(), parsed
+
+
+def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            _fail(source, ".".join(parts[: i + 1]), "is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as err:
+        raise ConfigError(f"{path}: refused a YAML tag that would construct an object ({err.problem})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load and validate an experiment config. Raises ConfigError with one line on any problem."""
+    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value, f"{source} (override '{text}')")
+    config = _build(ExperimentConfig, raw, source)
+    validate(config, source)
+    return config
+
+
+def validate(config: ExperimentConfig, source: str = "<config>") -> None:
+    """Checks that span several keys."""
+    if config.train.warmup_steps and config.train.max_steps and config.train.warmup_steps > config.train.max_steps:
+        _fail(source, "train.warmup_steps", f"({config.train.warmup_steps}) exceeds train.max_steps "
+              f"({config.train.max_steps})")
+    if config.model.lock_image and config.model.lock_text:
+        _fail(source, "model.lock_text", "and model.lock_image are both true: nothing would train")
+    if config.model.precision != "fp32" and config.train.device == "cpu":
+        _fail(source, "model.precision", f"'{config.model.precision}' needs a GPU but train.device is 'cpu'")
+    for key in ("fewshot_shots",):
+        for shots in getattr(config.eval, key):
+            if shots < 1:
+                _fail(source, f"eval.{key}", f"entries must be >= 1, got {shots}")
+    if config.data.train == "synth" and config.data.synth.num_train < config.data.batch_size:
+        _fail(source, "data.batch_size", f"({config.data.batch_size}) is larger than the dataset "
+              f"(data.synth.num_train={config.data.synth.num_train})")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
