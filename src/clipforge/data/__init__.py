@@ -1,0 +1,1 @@
+"""Data: the SynthScenes generator, shard / CSV / ImageFolder readers and writers, batch types."""
