@@ -20,6 +20,7 @@ class ImageTextBatch:
     labels: torch.Tensor  # [B] int64 class label, -1 where unknown
     keys: list[str]  # [B] sample keys
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped while building it, by kind
+    position: dict = field(default_factory=dict)  # opaque, set by the loader: where this batch came from
 
     def __len__(self) -> int:
         return self.images.shape[0]
