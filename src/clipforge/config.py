@@ -349,6 +349,14 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         _fail(source, "model.lock_text", "and model.lock_image are both true: nothing would train")
     if config.model.precision != "fp32" and config.train.device == "cpu":
         _fail(source, "model.precision", f"'{config.model.precision}' needs a GPU but train.device is 'cpu'")
+    from clipforge.eval.tasks import available_tasks  # here, not at the top: the registry imports config
+
+    known_tasks = available_tasks()
+    for task in config.eval.tasks:
+        if task not in known_tasks:
+            nearest = difflib.get_close_matches(task, known_tasks, n=1, cutoff=0.0)
+            raise ConfigError(f"{source}: key 'eval.tasks' names an unknown task '{task}'; "
+                              f"did you mean '{nearest[0]}'? (known: {', '.join(known_tasks)})")
     for key in ("fewshot_shots",):
         for shots in getattr(config.eval, key):
             if shots < 1:

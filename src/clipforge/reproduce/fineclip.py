@@ -1,0 +1,183 @@
+"""FineCLIP's claim in miniature: region understanding improves over CLIP while global image-text ability stays.
+
+    clipforge reproduce fineclip                      # 5 arms x 3 seeds, the tiny configs as they are
+    clipforge reproduce fineclip --seeds 0 --set train.epochs=1      # a quick look
+
+Arms (every one trains the same model on the same SynthScenes data for the same number of steps, with the
+same optimiser; only the objective differs):
+
+    clip       configs/clip_synth_tiny.yaml
+    global     FineCLIP with the global term only (w_distill = w_region = 0): CLIP's loss on region batches
+    +distill   global + self-distillation
+    +region    global + regional contrast
+    fineclip   all three terms (configs/fineclip_synth_tiny.yaml)
+
+Each run is evaluated on held-out SynthScenes scenes: region (box) classification, zero-shot classification
+on base classes and on novel colour x shape compositions, and image-text retrieval. Runs are resumable: a
+finished run is not trained again, an interrupted one continues from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipforge.config import EvalConfig, load_config
+
+RESULTS_BEGIN = "<!-- fineclip-reproduction:begin -->"
+RESULTS_END = "<!-- fineclip-reproduction:end -->"
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str
+    label: str
+    config: str  # "clip" or "fineclip": which base config file
+    overrides: tuple[str, ...] = ()
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("clip", "CLIP", "clip"),
+    Arm("global", "FineCLIP, global term only", "fineclip",
+        ("objective.fineclip.w_distill=0", "objective.fineclip.w_region=0")),
+    Arm("distill", "FineCLIP, global + distill", "fineclip", ("objective.fineclip.w_region=0",)),
+    Arm("region", "FineCLIP, global + region", "fineclip", ("objective.fineclip.w_distill=0",)),
+    Arm("fineclip", "FineCLIP (global + distill + region)", "fineclip"),
+)
+
+# (column title, dataset, task, metric)
+COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("region top-1", "synthscenes-base", "regions", "region_acc1"),
+    ("region mAcc", "synthscenes-base", "regions", "region_mean_per_class_recall"),
+    ("zero-shot base top-1", "synthscenes-base", "zeroshot", "acc1"),
+    ("zero-shot novel top-1", "synthscenes-novel", "zeroshot", "acc1"),
+    ("T->I R@1", "synthscenes-base", "retrieval", "image_retrieval_recall@1"),
+    ("I->T R@1", "synthscenes-base", "retrieval", "text_retrieval_recall@1"),
+)
+EVAL_TASKS = ["zeroshot", "retrieval", "regions"]
+
+ProgressFn = Callable[[str], None]
+
+
+def run_config(arm: Arm, seed: int, out_dir: Path, config_dir: Path, extra: Sequence[str]):
+    """The ExperimentConfig of one (arm, seed) run."""
+    path = config_dir / f"{arm.config}_synth_tiny.yaml"
+    name = f"{arm.key}_seed{seed}"
+    overrides = [*arm.overrides, *extra, f"seed={seed}", f"name={name}", f"output_dir={out_dir / name}",
+                 "train.progress=false"]
+    return load_config(path, overrides)
+
+
+def _finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    data = json.loads(summary.read_text(encoding="utf-8"))
+    return data.get("steps") == data.get("total_steps")
+
+
+def train_and_evaluate(config, datasets, eval_config: EvalConfig, progress: ProgressFn) -> dict:
+    """Train one run (or reuse it when finished) and evaluate its final weights: {column title: value}."""
+    from clipforge.engine.loop import train
+    from clipforge.eval.suite import run_suite
+    from clipforge.models.factory import load_model
+
+    run_dir = config.run_dir
+    if _finished(run_dir):
+        progress(f"{config.name}: already trained")
+    else:
+        progress(f"{config.name}: training")
+        train(config, resume="latest")
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    model, preprocess, tokenizer = load_model(None, checkpoint=run_dir)
+    progress(f"{config.name}: evaluating")
+    suite = run_suite(model, preprocess, tokenizer, eval_config, datasets, out_dir=run_dir, model_name=config.name)
+    found = {(r["dataset"], r["clipforge_task"]): r["metrics"] for r in suite["results"]}
+    metrics = {title: found.get((dataset, task), {}).get(metric, math.nan)
+               for title, dataset, task, metric in COLUMNS}
+    metrics["train_time_s"] = summary.get("train_time_s")
+    metrics["steps"] = summary.get("steps")
+    return metrics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def results_table(results: dict[str, list[dict]]) -> str:
+    """Markdown table: one row per arm, mean +- std over seeds in percent."""
+    titles = [title for title, *_ in COLUMNS]
+    lines = ["| arm | " + " | ".join(titles) + " |", "| --- |" + " ---: |" * len(titles)]
+    for arm in ARMS:
+        runs = results.get(arm.key)
+        if not runs:
+            continue
+        cells = []
+        for title in titles:
+            mean, std = mean_std([run[title] for run in runs])
+            cells.append("n/a" if math.isnan(mean) else f"{100 * mean:.1f} +- {100 * std:.1f}")
+        lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results_section(path: Path, section: str) -> None:
+    """Replace (or append) the FineCLIP section of docs/results.md, leaving the other sections alone."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Results\n"
+    block = f"{RESULTS_BEGIN}\n{section.strip()}\n{RESULTS_END}"
+    pattern = re.compile(re.escape(RESULTS_BEGIN) + r".*?" + re.escape(RESULTS_END), re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def reproduce_fineclip(
+    out_dir: str | Path = "runs/reproduce_fineclip",
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    arms: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    num_eval: int = 500,
+    config_dir: str | Path = "configs",
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Train and evaluate every (arm, seed); returns {"results": {arm: [metrics per seed]}, "table": markdown,
+    "configs": {...}} and writes them to <out_dir>/results.json. `overrides` apply to every run alike."""
+    from clipforge.eval.datasets import synth_eval_datasets
+
+    progress = progress or (lambda message: None)
+    out_dir, config_dir = Path(out_dir), Path(config_dir)
+    chosen = [arm for arm in ARMS if arms is None or arm.key in arms]
+    unknown = set(arms or ()) - {arm.key for arm in ARMS}
+    if unknown:
+        from clipforge.errors import ConfigError
+
+        raise ConfigError(f"unknown arm '{sorted(unknown)[0]}' (known: {', '.join(a.key for a in ARMS)})")
+    configs = {(arm.key, seed): run_config(arm, seed, out_dir, config_dir, overrides) for arm in chosen
+               for seed in seeds}  # every config is loaded (and checked) before any training
+    first = next(iter(configs.values()))
+    synth = first.data.synth
+    progress(f"generating {num_eval} held-out SynthScenes scenes per evaluation split")
+    datasets = synth_eval_datasets(num_eval=num_eval, num_train=1, image_size=synth.image_size, seed=synth.seed,
+                                   omit_fraction=synth.omit_fraction, variants=[])
+    eval_config = EvalConfig(tasks=EVAL_TASKS, num_eval=num_eval, batch_size=first.eval.batch_size,
+                             templates=first.eval.templates)
+    results: dict[str, list[dict]] = {}
+    for (arm_key, seed), config in configs.items():
+        metrics = train_and_evaluate(config, datasets, eval_config, progress)
+        results.setdefault(arm_key, []).append({"seed": seed, **metrics})
+    table = results_table(results)
+    payload = {
+        "results": results, "table": table, "seeds": list(seeds), "overrides": list(overrides),
+        "num_eval": num_eval, "steps": {k: v[0].get("steps") for k, v in results.items()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    return payload
