@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ class SynthConfig:
     num_train: int = positive(4096)
     num_val: int = positive(1024)
     image_size: int = between(64, 16, 1024)
-    seed: int = 0
+    seed: int = non_negative(0)
     shard_size: int = positive(1024)
     omit_fraction: float = between(0.3, 0.0, 1.0)  # share of objects left out of global captions
     long_tail: float = non_negative(0.0)  # Zipf exponent for class frequencies; 0 = balanced
@@ -100,7 +102,7 @@ class FineclipObjectiveConfig:
     w_distill: float = non_negative(1.0)
     w_region: float = non_negative(1.0)
     crop_scale: float = between(1.5, 1.0, 4.0)  # crops enlarged around each box before resizing
-    teacher_resolution: int | None = None  # None = model input size
+    teacher_resolution: int | None = positive(None)  # None = model input size
     teacher_stop_grad: bool = True
     freeze_text: bool = True  # the official code freezes the text tower
 
@@ -116,7 +118,7 @@ class ObjectiveConfig:
 @dataclass
 class TrainConfig:
     epochs: int = positive(10)
-    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    max_steps: int | None = positive(None)  # stop after this many optimiser steps (overrides epochs)
     lr: float = positive(5e-4)
     weight_decay: float = non_negative(0.2)
     beta1: float = between(0.9, 0.0, 1.0)
@@ -124,10 +126,10 @@ class TrainConfig:
     eps: float = positive(1e-6)
     warmup_steps: int = non_negative(100)
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip_norm: float | None = None
+    grad_clip_norm: float | None = positive(None)
     accum_steps: int = positive(1)
     log_every: int = positive(10)
-    save_every_steps: int | None = None  # also save mid-epoch every N steps
+    save_every_steps: int | None = positive(None)  # also save mid-epoch every N steps
     keep_last: int = positive(2)
     nan_policy: Literal["stop", "skip"] = "stop"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -146,14 +148,14 @@ class EvalConfig:
     fewshot_ways: int = positive(5)
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
     fewshot_episodes: int = positive(100)
-    seed: int = 0
+    seed: int = non_negative(0)
     at_end: bool = True  # evaluate after training
 
 
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    seed: int = 0
+    seed: int = non_negative(0)
     output_dir: str = "runs/${name}"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,8 +185,19 @@ def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def all_sections(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Every dotted section path, e.g. 'objective.clip'."""
+    sections = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            sections.append(f"{prefix}{f.name}")
+            sections.extend(all_sections(hints[f.name], f"{prefix}{f.name}."))
+    return sections
+
+
 def _nearest(key: str) -> str:
-    keys = all_keys()
+    keys = all_keys() + all_sections()
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
     if not match:  # compare the last component, which is usually where the typo is
         match = [keys[0]]
@@ -194,6 +207,15 @@ def _nearest(key: str) -> str:
 def _fail(source: str, key: str, problem: str, suggest: bool = False) -> None:
     hint = f"; did you mean '{_nearest(key)}'?" if suggest else ""
     raise ConfigError(f"{source}: key '{key}' {problem}{hint}")
+
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 2
+
+
+def _show(value: Any) -> str:
+    """A bounded repr: a hostile value (e.g. YAML alias bombs) must not make a megabyte error line."""
+    return _short.repr(value)
 
 
 def _type_name(tp: Any) -> str:
@@ -218,27 +240,29 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            _fail(source, key, f"must be one of {choices}, got {value!r}")
+            _fail(source, key, f"must be one of {choices}, got {_show(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            _fail(source, key, f"must be a list, got {type(value).__name__} {value!r}")
+            _fail(source, key, f"must be a list, got {type(value).__name__} {_show(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(source, key, f"must be true or false, got {value!r}")
+            _fail(source, key, f"must be true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(source, key, f"must be an integer, got {value!r}")
+            _fail(source, key, f"must be an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            _fail(source, key, f"must be a number, got {value!r}")
+            _fail(source, key, f"must be a number, got {_show(value)}")
+        if not math.isfinite(value):
+            _fail(source, key, f"must be a finite number, got {_show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            _fail(source, key, f"must be a string, got {value!r}")
+            _fail(source, key, f"must be a string, got {_show(value)}")
         return value
     raise ConfigError(f"{source}: key '{key}' has unsupported type {_type_name(tp)}")  # pragma: no cover
 
@@ -249,14 +273,14 @@ def _check_range(value: Any, meta: dict, key: str, source: str) -> None:
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
-        _fail(source, key, f"must be {bound}, got {value!r}")
+        _fail(source, key, f"must be {bound}, got {_show(value)}")
     if hi is not None and value > hi:
-        _fail(source, key, f"must be <= {hi}, got {value!r}")
+        _fail(source, key, f"must be <= {hi}, got {_show(value)}")
 
 
 def _build(cls: type, raw: dict, source: str, prefix: str = ""):
     if not isinstance(raw, dict):
-        _fail(source, prefix.rstrip(".") or "<root>", f"must be a mapping, got {raw!r}")
+        _fail(source, prefix.rstrip(".") or "<root>", f"must be a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -321,6 +345,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

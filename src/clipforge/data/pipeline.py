@@ -87,6 +87,10 @@ def prepare_data(config, progress: Callable[[int], None] | None = None) -> DataS
     data = config.data
     train_synth = data.train == "synth"
     val_synth = data.val == "synth" or (data.val is None and train_synth)
+    # configured paths are checked before any SynthScenes shards are written into the run folder, so a missing
+    # path leaves no run folder behind
+    train = None if train_synth else _open_configured(config, "train", data.train)
+    val = None if val_synth or data.val is None else _open_configured(config, "val", data.val)
     if train_synth or val_synth:
         is_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not is_dist or torch.distributed.get_rank() == 0:
@@ -98,14 +102,8 @@ def prepare_data(config, progress: Callable[[int], None] | None = None) -> DataS
             torch.distributed.barrier()
     if train_synth:
         train = open_source(str(_synth_folder(config, "train")), "wds")
-    else:
-        train = _open_configured(config, "train", data.train)
     if val_synth:
         val = open_source(str(_synth_folder(config, "val")), "wds")
-    elif data.val is not None:
-        val = _open_configured(config, "val", data.val)
-    else:
-        val = None
     if train.num_samples < data.batch_size:
         raise DataError(f"data.batch_size ({data.batch_size}) is larger than the training set "
                         f"'{train.spec}' ({train.num_samples} samples)")

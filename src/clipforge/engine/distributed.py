@@ -48,6 +48,8 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo
             os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
             os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)
         dist.init_process_group(
             backend=backend, rank=info.rank, world_size=info.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -61,6 +63,31 @@ def world_info() -> DistInfo:
     return DistInfo()
 
 
+# torch 2.14 renamed the single-tensor collectives; older releases only have the *_tensor names
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for our slice and returns it."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        tensor = tensor.contiguous()
+        output = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))  # [W*B, ...]
+        _all_gather_single(output, tensor)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        grad_output = grad_output.contiguous()
+        grad = grad_output.new_empty((grad_output.shape[0] // world, *grad_output.shape[1:]))  # [B, ...]
+        _reduce_scatter_single(grad, grad_output, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0; backward sums each rank's gradient back to the owner. [B, ...] -> [W*B, ...]
 
@@ -68,9 +95,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def gather_no_grad(tensor: torch.Tensor, keep_local_grad: bool = True) -> torch.Tensor:
@@ -82,3 +107,52 @@ def gather_no_grad(tensor: torch.Tensor, keep_local_grad: bool = True) -> torch.
     if keep_local_grad:
         parts[dist.get_rank()] = tensor
     return torch.cat(parts, dim=0)
+
+
+def is_enabled() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
+    """Minimum over ranks (e.g. 'every rank saw a finite loss' as 1/0); identity on one process."""
+    if is_enabled():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a detached tensor (for logging); identity on one process."""
+    if is_enabled():
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable object, in rank order (in-memory only: nothing here is read from disk)."""
+    if not is_enabled():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s object on every rank."""
+    if not is_enabled():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_enabled():
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

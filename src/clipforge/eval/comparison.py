@@ -76,7 +76,7 @@ def _loss_plot(logs: dict[str, list[dict]]) -> str | None:
         if not points:
             continue
         steps, losses = np.array(points, dtype=float).T
-        ax.plot(steps, losses, label=name, linewidth=1.6, color=plots.PALETTE[index % len(plots.PALETTE)])
+        ax.plot(steps, losses, label=name, linewidth=1.6, marker="o" if len(steps) < 20 else None, markersize=3, color=plots.PALETTE[index % len(plots.PALETTE)])
         drawn = True
     if not drawn:
         return None

@@ -36,6 +36,9 @@ class Objective(nn.Module):
     def forward(self, model: nn.Module, batch) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Hook run once before the optimiser and DDP are built (e.g. to freeze a tower)."""
+
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """Hook run after each optimiser step."""
