@@ -1,12 +1,13 @@
 """Training throughput: clipforge's loop against open_clip's own trainer on the same model, data and batch.
 
-    .venv/bin/python benchmarks/train_throughput.py [--batch-sizes 64 128] [--images 2048] [--workers 1]
+    .venv/bin/python benchmarks/train_throughput.py [--batch-sizes 64 128] [--images 3072] [--workers 1]
 
 Both sides train clipforge-vit-tiny with the CLIP loss (AdamW, grad-clip 1.0, fp32, RandomResizedCrop
 augmentation) on the same CSV of SynthScenes PNGs, each in its own subprocess with the same thread count,
-one after the other in this run. Throughput is measured the same way on both sides: samples over wall
-time between log points, leaving out the first interval (warm-up). Also reported: model FLOPs utilisation
-(FLOPs per step counted by torch's FlopCounterMode, against a large fp32 matmul's FLOP/s measured here),
+alternating in this run and keeping each side's best of --repeats runs (a shared machine's load then
+penalises neither side). Throughput is measured the same way on both sides: samples over wall time between
+log points, leaving out the first interval (warm-up). Also reported: model FLOPs utilisation (FLOPs per
+step counted by torch's FlopCounterMode, against a large fp32 matmul's FLOP/s measured in the same run),
 where our step time goes (data, forward, backward, optimiser), and each process's peak RSS.
 """
 
@@ -169,11 +170,13 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--images", type=int, default=2048, help="SynthScenes images in the CSV (one epoch)")
+    parser.add_argument("--images", type=int, default=3072, help="SynthScenes images in the CSV (one epoch)")
     parser.add_argument("--workers", type=int, default=1, help="data loader workers, both sides")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, both sides (default: the cores left after the data workers)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per side and batch size (best is kept)")
     args = parser.parse_args()
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) - args.workers)
 
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; torch {torch.__version__}; {args.threads} threads, {args.workers} worker(s); "
