@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--configs", default="configs", help="folder holding the experiment YAMLs (default configs)")
     parser.add_argument("--skip-fineclip", action="store_true", help="train and evaluate the CLIP model only")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke-sized run (few steps, small evaluation) to check the set-up in about a minute")
+                        help="a smoke-sized run (8 steps, small evaluation) to check the set-up quickly")
     parser.set_defaults(handler=run)
 
 
