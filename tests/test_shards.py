@@ -55,8 +55,9 @@ def test_round_trip_is_exact(tmp_path, synth_records):
     back = _read_all(str(tmp_path), counter)
     assert counter == {}
     assert [r["__key__"] for r in back] == [r["__key__"] for r in synth_records]
+    assert [r["__index__"] for r in back] == [0, 1, 2, 3] * 3 + [0, 1]  # storage index within the shard
     for original, read in zip(synth_records, back):
-        assert set(read) - {"__key__", "__url__"} == {"png", "txt", "json"}
+        assert set(read) - {"__key__", "__url__", "__index__"} == {"png", "txt", "json"}
         for member in ("png", "txt", "json"):
             assert read[member] == original[member]  # byte-identical
         sample = decode_sample(read, counter)
@@ -180,7 +181,7 @@ def test_truncated_shards_are_counted_not_fatal(tmp_path, synth_records, where):
     assert counter == {"shard_truncated": 1}
     assert len(samples) < len(synth_records)
     for sample, original in zip(samples, synth_records):  # what was read before the break is complete
-        assert {k: v for k, v in sample.items() if k != "__url__"} == original
+        assert {k: v for k, v in sample.items() if k not in ("__url__", "__index__")} == original
     with pytest.raises(DataError, match="shard_truncated"):
         list(iter_tar_samples(str(cut), SkipCounter(strict=True)))
 

@@ -68,6 +68,7 @@ class DataConfig:
     max_regions: int = positive(4)  # regions per image sampled per step (region objectives)
     augment: bool = False  # RandomResizedCrop(scale=(0.9, 1)) as open_clip does
     strict: bool = False  # bad samples raise instead of being skipped and counted
+    scan: bool = True  # decode the training data once first, so each epoch delivers every usable sample once
     csv_image_key: str = "filepath"
     csv_caption_key: str = "caption"
     csv_separator: str = ","

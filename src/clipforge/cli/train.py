@@ -62,6 +62,11 @@ class ProgressView:
         self.console.print(f"[bold]training[/] {event.total_steps} steps ({data['steps_per_epoch']}/epoch, "
                            f"global batch {data['global_batch']}) on {data['device']} x{data['world_size']}"
                            f" -> {data['run_dir']}{resumed}", soft_wrap=True)
+        scan = data.get("data_scan")
+        if scan and scan["usable"] < scan["listed"]:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in scan["skipped"].items())
+            self.console.print(f"data: {scan['usable']} of {scan['listed']} samples usable, each read once per "
+                               f"epoch (skipped: {kinds})", soft_wrap=True)
         if self.show_bar:
             from rich.progress import (
                 BarColumn,

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipforge.data.batches import ImageTextBatch
 from clipforge.data.generate import generate_synth_shards
 from clipforge.data.samples import DEFAULT_MAX_PIXELS, SkipCounter, add_counts, decode_sample
+from clipforge.data.scan import scan_source
 from clipforge.data.sources import DataSource, open_source
 from clipforge.data.streams import PASS_END, CounterRedirect, EpochPlan, plan_epoch, worker_records
 from clipforge.data.transforms import BatchBuilder, sample_seed
@@ -104,6 +105,14 @@ def prepare_data(config, progress: Callable[[int], None] | None = None) -> DataS
         train = open_source(str(_synth_folder(config, "train")), "wds")
     if val_synth:
         val = open_source(str(_synth_folder(config, "val")), "wds")
+    if data.scan:
+        train = scan_source(train, max_pixels=DEFAULT_MAX_PIXELS, strict=data.strict)
+        if train.scan.usable == 0:
+            raise DataError(f"data.train: no usable samples in '{train.spec}' (all {train.num_samples} were "
+                            f"skipped: {train.scan.skipped})")
+    if train.scan is not None and train.scan.usable < data.batch_size:
+        raise DataError(f"data.batch_size ({data.batch_size}) is larger than the training set "
+                        f"'{train.spec}' ({train.scan.usable} usable of {train.num_samples} samples)")
     if train.num_samples < data.batch_size:
         raise DataError(f"data.batch_size ({data.batch_size}) is larger than the training set "
                         f"'{train.spec}' ({train.num_samples} samples)")
@@ -362,16 +371,17 @@ def build_loader(
     batch_size = data.batch_size
     if position is not None:
         position = DataPosition.from_dict(position)
+    num_samples = int(source.unit_sizes().sum())  # the samples an epoch is planned over (usable ones, if scanned)
     logical = position.num_workers if position is not None else max(1, data.workers)
     if position is not None:
         recorded = (position.epoch, position.rank, position.world_size, position.batch_size, position.num_samples)
-        if recorded != (epoch, rank, world_size, batch_size, source.num_samples):
+        if recorded != (epoch, rank, world_size, batch_size, num_samples):
             raise DataError(
                 f"cannot resume: the data position was recorded for (epoch, rank, world size, batch size, "
-                f"samples) = {recorded}, now {(epoch, rank, world_size, batch_size, source.num_samples)}")
+                f"samples) = {recorded}, now {(epoch, rank, world_size, batch_size, num_samples)}")
     else:
         position = DataPosition(epoch=epoch, batches_done=0, emitted=[0] * logical, rank=rank,
-                                world_size=world_size, batch_size=batch_size, num_samples=source.num_samples)
+                                world_size=world_size, batch_size=batch_size, num_samples=num_samples)
     plan = plan_epoch(source.unit_sizes(), seed=config.seed, epoch=epoch, rank=rank, world_size=world_size,
                       num_workers=logical, batch_size=batch_size, shuffle=shuffle)
     if plan.batches_per_rank == 0:

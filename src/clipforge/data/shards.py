@@ -267,7 +267,7 @@ def iter_tar_samples(url: str, counter, start: int = 0, stop: int | None = None)
                     if duplicate:
                         counter.skip("duplicate_key", f"{url}: {key!r} appears twice")
                     elif index >= start:
-                        current = {"__key__": key, "__url__": url}
+                        current = {"__key__": key, "__url__": url, "__index__": index}
                 if current is None:  # skipping ahead, or a duplicate: headers only
                     continue
                 if member.size > MAX_MEMBER_BYTES:

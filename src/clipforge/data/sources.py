@@ -16,6 +16,7 @@ import numpy as np
 
 from clipforge.data.readers import CsvTable, ImageFolderTable, read_csv, read_image_folder
 from clipforge.data.samples import IMAGE_EXTENSIONS
+from clipforge.data.scan import ScanIndex
 from clipforge.data.shards import ShardInfo, iter_tar_samples, read_manifest, resolve_shards
 from clipforge.errors import DataError
 
@@ -29,19 +30,29 @@ class DataSource:
     table: CsvTable | ImageFolderTable | None = None  # csv / imagefolder
     classnames: list[str] | None = None  # label -> name, when known
     meta: dict = field(default_factory=dict)  # e.g. the SynthScenes settings from the manifest
+    scan: ScanIndex | None = None  # usable samples, once scanned (scan.py): then units count and read those only
 
     def unit_sizes(self) -> np.ndarray:
-        """[U] samples per unit: per shard, or 1 per row (so rows shuffle individually)."""
+        """[U] samples per unit: per shard, or 1 per row (so rows shuffle individually); usable ones if scanned."""
+        if self.scan is not None:
+            return self.scan.sizes()
         if self.kind == "wds":
             return np.array([s.num_samples for s in self.shards], dtype=np.int64)
         return np.ones(self.num_samples, dtype=np.int64)
 
     def read_unit(self, unit: int, first: int, stop: int, counter) -> Iterator[dict]:
-        """Raw records first..stop-1 of one unit."""
+        """Raw records first..stop-1 of one unit, each with its storage index as "__index__". Scanned, the
+        positions count usable samples, and the unusable records around them are read too (and skipped by
+        the decoder, which counts them), so each raw record is read once per epoch."""
+        raw_stop: int | None = stop
+        if self.scan is not None:
+            first, raw_stop = self.scan.raw_range(unit, first, stop)
         if self.kind == "wds":
-            yield from iter_tar_samples(self.shards[unit].url, counter, first, stop)
-        elif first == 0 and stop >= 1:
-            yield self.table.record(unit)
+            yield from iter_tar_samples(self.shards[unit].url, counter, first, raw_stop)
+        elif first == 0 and (raw_stop is None or raw_stop >= 1):
+            record = self.table.record(unit)
+            record["__index__"] = 0
+            yield record
 
     def records(self, counter) -> Iterator[dict]:
         """Every raw record in storage order (for inspection and evaluation)."""

@@ -252,6 +252,9 @@ def _train(config, resume, emit, device, info) -> RunResult:
             "config_hash": config_hash(to_dict(config)), "world_size": info.world_size}
     emit(TrainEvent("start", state.step, total_steps, state.epoch, {
         "run_dir": str(run_dir), "steps_per_epoch": steps_per_epoch, "global_batch": global_batch,
+        "data_scan": None if sources.train.scan is None else {
+            "listed": sources.train.scan.listed, "usable": sources.train.scan.usable,
+            "skipped": sources.train.scan.skipped},
         "device": str(device), "world_size": info.world_size, "resumed_from": str(loaded.path) if loaded else None,
     }))
 

@@ -160,8 +160,9 @@ def reproduce_fineclip(
         from clipforge.errors import ConfigError
 
         raise ConfigError(f"unknown arm '{sorted(unknown)[0]}' (known: {', '.join(a.key for a in ARMS)})")
-    configs = {(arm.key, seed): run_config(arm, seed, out_dir, config_dir, overrides) for arm in chosen
-               for seed in seeds}  # every config is loaded (and checked) before any training
+    # every config is loaded (and checked) before any training; seed by seed, so a partial run has every arm
+    configs = {(arm.key, seed): run_config(arm, seed, out_dir, config_dir, overrides) for seed in seeds
+               for arm in chosen}
     first = next(iter(configs.values()))
     synth = first.data.synth
     progress(f"generating {num_eval} held-out SynthScenes scenes per evaluation split")
