@@ -103,9 +103,10 @@ def bad_configs(work: Path, args) -> list[Row]:
     worst = ", ".join(f"{k} {v[1]}/{v[0]}" for k, v in sorted(by_kind.items()) if v[1] < v[0])
     rows = [
         Row("bad configs", "exit 2 + one line naming the problem, no traceback", len(cases), answered,
-            len(cases) - answered, f"{_short(failures)}; by kind: {worst}"),
+            len(cases) - answered, f"{_short(failures)}; by kind: {worst}" if failures else
+            f"{len(by_kind)} kinds of fault: {_short({k: v[0] for k, v in by_kind.items()}, 6)}"),
         Row("bad configs", "rejected without leaving a run folder", sum(1 for c in cases), len(cases) - folders,
-            folders, "rejected after check_output_dir made the folder (data/model/resume checks)"),
+            folders, "rejected after check_output_dir made the folder (data/model/resume checks)" if folders else ""),
     ]
     # a sample through real processes (start-up cost dominates; 3 at a time)
     sample = cases[:: max(1, len(cases) // args.config_processes)][: args.config_processes]
@@ -185,7 +186,7 @@ def hostile_files(work: Path, args) -> list[Row]:
     counter = SkipCounter()
     records = list(iter_tar_samples(str(shard), counter))
     escaped = len(hostile._tree(work / "tar") - before) + Path("/tmp/clipforge-absolute-escape").exists()
-    leaked = sum(1 for r in records for k in r if k not in ("__key__", "__url__", "png", "txt"))
+    leaked = sum(1 for r in records for k in r if k not in ("__key__", "__url__", "__index__", "png", "txt"))
     members = len(hostile.HOSTILE_MEMBERS)
     rows.append(Row("hostile files", "tar members ../, /abs, links, devices: written or read", members,
                     members - escaped - leaked, escaped + leaked,

@@ -232,7 +232,7 @@ def test_tar_members_that_escape_or_link_are_skipped_counted_and_never_written(t
     assert counter == {"unsafe_member": len(HOSTILE_MEMBERS)}
     passwd = Path("/etc/passwd").read_bytes() if Path("/etc/passwd").is_file() else b"\0never"
     for record in records:
-        assert set(record) - {"__key__", "__url__"} == {"png", "txt"}  # good1.json (a link) is not there
+        assert set(record) - {"__key__", "__url__", "__index__"} == {"png", "txt"}  # good1.json (a link) is not there
         assert all(value != passwd and value != b"escaped" for value in record.values())
     assert _tree(tmp_path) == before  # nothing written, beside the shard or above it
     assert not Path("/tmp/clipforge-absolute-escape").exists()
