@@ -14,6 +14,11 @@ base scenes, box classification top-1 against the class prompt embeddings, with 
 Runs are grouped by arm (the name before `_seed`), mean +- std over seeds. Wall time and peak RSS are printed.
 If pooling is far below the crop, the dense path (not the text side) is what limits region accuracy; if a
 finer map helps, resolution does.
+
+It also measures the regional contrast's label noise in the first run's training data: how many region captions
+of a batch (the run's batch size, up to data.max_regions regions per image) repeat within that batch -- such
+repeats are false negatives for InfoNCE -- and the region-to-caption accuracy they allow at best (1/k for a
+caption that appears k times).
 """
 
 from __future__ import annotations
@@ -68,6 +73,31 @@ def _runs(folders: list[str]) -> list[Path]:
     return runs
 
 
+def caption_repeats(run: Path, batches: int = 10) -> tuple[float, float, float, float]:
+    """(regions per batch, distinct captions per batch, fraction of regions whose caption repeats in the batch,
+    best achievable region->caption accuracy), averaged over the first `batches` batches of the run's data."""
+    import collections
+
+    from clipforge.config import load_config
+    from clipforge.data.samples import SkipCounter
+    from clipforge.data.sources import open_source
+
+    config = load_config(run / "config.yaml")
+    source = open_source(str(run / "data" / "train"))
+    batch_size, max_regions = config.data.batch_size, config.data.max_regions
+    records = source.records(SkipCounter())
+    figures = []
+    for _ in range(batches):
+        captions = []
+        for _, record in zip(range(batch_size), records):
+            regions = json.loads(record["json"]).get("regions", [])
+            captions += [r["caption"] for r in regions[:max_regions] if r.get("caption")]
+        counts = collections.Counter(captions)
+        figures.append((len(captions), len(counts), sum(counts[c] > 1 for c in captions) / len(captions),
+                        statistics.fmean(1 / counts[c] for c in captions)))
+    return tuple(statistics.fmean(f[i] for f in figures) for i in range(4))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="run folders, or folders holding run folders")
@@ -110,6 +140,10 @@ def main() -> None:
             std = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.fmean(v):.1f} +- {std:.1f}")
         print(f"| {arm} | {len(values[columns[0]])} | " + " | ".join(cells) + " |")
+    regions, distinct, repeated, ceiling = caption_repeats(runs[0])
+    print(f"\nregion captions in a training batch ({runs[0].name}'s data, first 10 batches): {regions:.0f} regions, "
+          f"{distinct:.0f} distinct captions, {100 * repeated:.0f}% of regions share their caption with another "
+          f"region of the batch; best achievable region->caption accuracy {100 * ceiling:.0f}%")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nwall {time.perf_counter() - started:.0f} s, peak RSS {rss:.0f} MB")
 

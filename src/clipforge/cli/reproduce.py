@@ -60,7 +60,7 @@ def run_fineclip(args) -> int:
     if args.results:
         command = "clipforge reproduce fineclip " + shlex.join(sys.argv[3:]) if len(sys.argv) > 3 else \
             "clipforge reproduce fineclip"
-        section = (f"## FineCLIP vs CLIP on SynthScenes\n\nProduced by `{command}` "
+        section = (f"### FineCLIP vs CLIP on SynthScenes\n\nProduced by `{command}` "
                    f"(seeds {', '.join(map(str, args.seeds))}; per-run numbers in {args.out}/results.json).\n\n"
                    f"{payload['table']}\n")
         write_results_section(Path(args.results), section)
