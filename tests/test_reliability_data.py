@@ -367,3 +367,34 @@ def test_training_on_corrupt_shards_reports_the_skips_in_metrics_and_summary(cor
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "event" not in r][-1]
     assert {k[len("skipped/"):]: v for k, v in last.items() if k.startswith("skipped/")} == counted
+
+
+def _scan_worker(rank: int, port: int, spec: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        index = scan_source(open_source(spec)).scan  # each rank decodes every other shard, then all-gather
+        torch.save({"offsets": torch.from_numpy(index.offsets), "indices": torch.from_numpy(index.indices),
+                    "skipped": index.skipped}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_scan_split_over_two_ranks_equals_the_single_process_scan(corrupt, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_scan_worker, args=(port, corrupt.spec, str(tmp_path)), nprocs=2, join=True)
+    single = scan_source(open_source(corrupt.spec)).scan
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert np.array_equal(got["offsets"].numpy(), single.offsets)
+        assert np.array_equal(got["indices"].numpy(), single.indices)
+        assert got["skipped"] == single.skipped
