@@ -36,28 +36,27 @@ import torch
 from clipforge.eval.datasets import synth_eval_datasets
 from clipforge.eval.regions import evaluate_regions
 from clipforge.eval.templates import load_templates
-from clipforge.models.dense import crop_regions, enlarge_boxes
 from clipforge.models.factory import load_model
+from clipforge.objectives.fineclip import FineclipObjective
 
 
 class CropTeacher(torch.nn.Module):
-    """Region features as the model's global embedding of each (enlarged) box crop: the distillation target."""
+    """Region features as the model's own embeddings of the enlarged box crops: the `fineclip` objective's
+    self-distillation teacher (`FineclipObjective.crop_embeddings`, default crop_scale and teacher resolution)."""
 
-    def __init__(self, model: torch.nn.Module, crop_scale: float = 1.5):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
         self.visual = model.visual
-        self.crop_scale = crop_scale
+        self.objective = FineclipObjective()
 
     def encode_text(self, *args, **kwargs):
         return self.model.encode_text(*args, **kwargs)
 
     def encode_regions(self, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        height, width = images.shape[-2:]
-        batch_index, slot_index = valid.nonzero(as_tuple=True)
-        chosen = enlarge_boxes(boxes[batch_index, slot_index].float(), self.crop_scale, (height, width))
-        crops = crop_regions(images, chosen, batch_index, (height, width))  # [K, 3, H, W]
-        embeddings = self.model.encode_image(crops).float()  # [K, D]; K > 0 (the caller skips box-less batches)
+        batch_index, slot_index = valid.nonzero(as_tuple=True)  # K > 0: the caller skips box-less batches
+        embeddings = self.objective.crop_embeddings(self.model, images, boxes[batch_index, slot_index].float(),
+                                                    batch_index, tuple(images.shape[-2:]))  # [K, D]
         out = embeddings.new_zeros(*valid.shape, embeddings.shape[-1])
         out[batch_index, slot_index] = embeddings
         return out

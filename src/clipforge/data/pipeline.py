@@ -105,17 +105,15 @@ def prepare_data(config, progress: Callable[[int], None] | None = None) -> DataS
         train = open_source(str(_synth_folder(config, "train")), "wds")
     if val_synth:
         val = open_source(str(_synth_folder(config, "val")), "wds")
+    size = f"{train.num_samples} samples"
     if data.scan:
-        train = scan_source(train, max_pixels=DEFAULT_MAX_PIXELS, strict=data.strict)
+        train = scan_source(train, strict=data.strict)
         if train.scan.usable == 0:
             raise DataError(f"data.train: no usable samples in '{train.spec}' (all {train.num_samples} were "
                             f"skipped: {train.scan.skipped})")
-    if train.scan is not None and train.scan.usable < data.batch_size:
-        raise DataError(f"data.batch_size ({data.batch_size}) is larger than the training set "
-                        f"'{train.spec}' ({train.scan.usable} usable of {train.num_samples} samples)")
-    if train.num_samples < data.batch_size:
-        raise DataError(f"data.batch_size ({data.batch_size}) is larger than the training set "
-                        f"'{train.spec}' ({train.num_samples} samples)")
+        size = f"{train.scan.usable} usable of {size}"
+    if int(train.unit_sizes().sum()) < data.batch_size:
+        raise DataError(f"data.batch_size ({data.batch_size}) is larger than the training set '{train.spec}' ({size})")
     return DataSources(train=train, val=val)
 
 

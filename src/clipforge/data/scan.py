@@ -20,7 +20,6 @@ that an epoch's length comes from the listed counts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -57,7 +56,7 @@ class ScanIndex:
         return start, end
 
 
-def _scan_units(source, units, max_pixels: int, strict: bool, progress) -> tuple[dict[int, list[int]], dict]:
+def _scan_units(source, units, max_pixels: int, strict: bool) -> tuple[dict[int, list[int]], dict]:
     counter = SkipCounter(strict=strict)
     usable: dict[int, list[int]] = {}
     sizes = source.unit_sizes()
@@ -66,22 +65,19 @@ def _scan_units(source, units, max_pixels: int, strict: bool, progress) -> tuple
         for record in source.read_unit(unit, 0, int(sizes[unit]), counter):
             if decode_sample(record, counter, max_pixels, with_regions=True) is not None:
                 good.append(int(record["__index__"]))
-            if progress is not None:
-                progress(1)
         usable[unit] = good
     return usable, dict(counter)
 
 
-def scan_source(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
-                progress: Callable[[int], None] | None = None):
+def scan_source(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False):
     """A copy of `source` that plans and reads its usable samples only (see the module docstring).
-    `progress(n)` is called as records are scanned. With data.strict the first bad sample raises DataError."""
+    With `strict` (data.strict) the first bad sample raises DataError."""
     if source.scan is not None:
         return source
     num_units = len(source.unit_sizes())
     is_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_dist else (0, 1)
-    usable, skipped = _scan_units(source, range(rank, num_units, world), max_pixels, strict, progress)
+    usable, skipped = _scan_units(source, range(rank, num_units, world), max_pixels, strict)
     if is_dist:
         parts: list = [None] * world
         torch.distributed.all_gather_object(parts, (usable, skipped))

@@ -143,7 +143,7 @@ class FineclipObjective(Objective):
             return (self.config.teacher_resolution, self.config.teacher_resolution)
         return tuple(vision_transformer(model).image_size)
 
-    def _crop_embeddings(self, model, images, boxes, batch_index, image_size) -> torch.Tensor:
+    def crop_embeddings(self, model, images, boxes, batch_index, image_size) -> torch.Tensor:
         """The teacher: the model's own normalised embeddings of the enlarged crops, one batched pass. [K, D]"""
         crop_boxes = enlarge_boxes(boxes, self.config.crop_scale, image_size)  # [K, 4]
         crops = crop_regions(images, crop_boxes, batch_index, self._teacher_resolution(model))  # [K, 3, S, S]
@@ -201,7 +201,7 @@ class FineclipObjective(Objective):
 
         if cfg.w_distill > 0:
             if local_count > 0:
-                crop_features = self._crop_embeddings(model, images, boxes[batch_index, slot_index], batch_index,
+                crop_features = self.crop_embeddings(model, images, boxes[batch_index, slot_index], batch_index,
                                                       image_size)  # [K, D]
                 cosine = (region_features[batch_index, slot_index] * crop_features).sum(dim=-1)  # [K]
                 # global mean over every rank's regions (x W because DDP averages the gradients)
