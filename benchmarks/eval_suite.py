@@ -74,7 +74,7 @@ def setup(args):
     import open_clip
     import torch
 
-    import clipforge.models.factory  # noqa: F401  (registers the clipforge model configs)
+    import clipforge.models.clip_family  # noqa: F401  (registers the clipforge model configs)
     from clipforge.eval import synth_eval_datasets
     from clipforge.eval.templates import load_templates
 

@@ -29,7 +29,7 @@ from clipforge.engine.checkpointing import (
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.models import create_model, find_model_weights, load_model
 from clipforge.models.checkpoint import save_model_weights
-from clipforge.models.factory import MODEL_CONFIG_DIR
+from clipforge.models.clip_family import MODEL_CONFIG_DIR
 
 MICRO = ModelConfig(name="clipforge-vit-micro")
 
@@ -68,18 +68,18 @@ def test_a_malicious_pickle_is_refused_and_never_executes(tmp_path, suffix):
 
 
 def test_a_trusted_plain_state_dict_pickle_loads(tmp_path):
-    model, _, _, _ = create_model(MICRO)
+    model = create_model(MICRO).model
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     with pytest.raises(CheckpointError, match="trust_pickle"):
         create_model(ModelConfig(name="clipforge-vit-micro", pretrained=str(tmp_path / "weights.pt")))
-    loaded, _, _, _ = create_model(ModelConfig(name="clipforge-vit-micro", pretrained=str(tmp_path / "weights.pt"),
-                                               trust_pickle=True))
+    loaded = create_model(ModelConfig(name="clipforge-vit-micro", pretrained=str(tmp_path / "weights.pt"),
+                                               trust_pickle=True)).model
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])
 
 
 def test_weights_of_another_architecture_fail_with_one_line(tmp_path):
-    model, _, _, _ = create_model(MICRO)
+    model = create_model(MICRO).model
     save_model_weights(model, tmp_path / "micro.safetensors")
     with pytest.raises(CheckpointError) as caught:
         create_model(ModelConfig(name="clipforge-vit-tiny", pretrained=str(tmp_path / "micro.safetensors")))
@@ -99,18 +99,19 @@ def test_model_config_from_a_yaml_file_builds_the_same_architecture(tmp_path):
     config = json.loads((MODEL_CONFIG_DIR / "clipforge-vit-micro.json").read_text())
     path = tmp_path / "my-micro.yaml"
     path.write_text(yaml.safe_dump(config))
-    from_yaml, _, _, tokenizer = create_model(ModelConfig(name=str(path)))
-    reference, _, _, _ = create_model(MICRO)
+    _bundle = create_model(ModelConfig(name=str(path)))
+    from_yaml, tokenizer = _bundle.model, _bundle.tokenizer
+    reference = create_model(MICRO).model
     assert {k: v.shape for k, v in from_yaml.state_dict().items()} == \
            {k: v.shape for k, v in reference.state_dict().items()}
     assert tokenizer(["a red circle"]).shape == (1, config["text_cfg"]["context_length"])
 
 
 def test_lock_image_and_lock_text_freeze_one_tower():
-    locked_image, _, _, _ = create_model(ModelConfig(name="clipforge-vit-micro", lock_image=True))
+    locked_image = create_model(ModelConfig(name="clipforge-vit-micro", lock_image=True)).model
     assert all(not p.requires_grad for n, p in locked_image.named_parameters() if n.startswith("visual."))
     assert locked_image.token_embedding.weight.requires_grad and locked_image.logit_scale.requires_grad
-    locked_text, _, _, _ = create_model(ModelConfig(name="clipforge-vit-micro", lock_text=True))
+    locked_text = create_model(ModelConfig(name="clipforge-vit-micro", lock_text=True)).model
     assert not locked_text.token_embedding.weight.requires_grad
     assert not locked_text.transformer.resblocks[0].attn.in_proj_weight.requires_grad
     assert all(p.requires_grad for n, p in locked_text.named_parameters() if n.startswith("visual."))
@@ -158,19 +159,19 @@ def test_rng_states_round_trip_through_json():
     assert torch.equal(torch.rand(3), expected[2])
 
 
-def save_step(root: Path, model, optimizer, step: int, best: bool, keep_last: int = 2):
+def save_step(root: Path, bundle, optimizer, step: int, best: bool, keep_last: int = 2):
     state = TrainingState(step=step, epoch=0, batches_in_epoch=step, data_positions=[{"batches_done": step}],
                           best_loss=1.0 / step)
-    return save_checkpoint(root, model, optimizer, None, state, [capture_rng()], {"model_name": "x"},
+    return save_checkpoint(root, bundle, {"main": optimizer}, None, state, [capture_rng()], {"model_name": "x"},
                            keep_last=keep_last, is_best=best)
 
 
 def test_checkpoints_keep_last_n_plus_best_and_resume_latest(tmp_path):
-    model, _, _, _ = create_model(MICRO)
-    optimizer = torch.optim.AdamW(model.parameters())
+    bundle = create_model(MICRO)
+    optimizer = torch.optim.AdamW(bundle.model.parameters())
     root = tmp_path / "run" / "checkpoints"
     for step, best in ((1, True), (2, False), (3, False), (4, False)):
-        save_step(root, model, optimizer, step, best)
+        save_step(root, bundle, optimizer, step, best)
     kept = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert kept == ["step_00000001", "step_00000003", "step_00000004"]  # last 2 + best
     assert json.loads((root / "best.json").read_text())["path"] == "step_00000001"
@@ -184,10 +185,10 @@ def test_checkpoints_keep_last_n_plus_best_and_resume_latest(tmp_path):
 
 
 def test_a_partial_checkpoint_is_never_pointed_at_and_is_cleaned_up(tmp_path):
-    model, _, _, _ = create_model(MICRO)
-    optimizer = torch.optim.AdamW(model.parameters())
+    bundle = create_model(MICRO)
+    optimizer = torch.optim.AdamW(bundle.model.parameters())
     root = tmp_path / "checkpoints"
-    save_step(root, model, optimizer, 1, True)
+    save_step(root, bundle, optimizer, 1, True)
     partial = root / ".tmp-step_00000002"  # what a run killed while saving leaves behind
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"trunc")
@@ -197,8 +198,8 @@ def test_a_partial_checkpoint_is_never_pointed_at_and_is_cleaned_up(tmp_path):
 
 
 def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
-    model, _, _, _ = create_model(MICRO)
-    folder = save_step(tmp_path / "checkpoints", model, torch.optim.AdamW(model.parameters()), 1, True)
+    bundle = create_model(MICRO)
+    folder = save_step(tmp_path / "checkpoints", bundle, torch.optim.AdamW(bundle.model.parameters()), 1, True)
     (folder / "state.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="incomplete or corrupt"):
         read_checkpoint(folder)
@@ -207,9 +208,10 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
 
 
 def test_load_model_reads_a_run_folder_by_its_config(tmp_path):
-    model, _, _, _ = create_model(MICRO)
+    bundle = create_model(MICRO)
+    model = bundle.model
     run = tmp_path / "run"
-    save_step(run / "checkpoints", model, torch.optim.AdamW(model.parameters()), 1, True)
+    save_step(run / "checkpoints", bundle, torch.optim.AdamW(model.parameters()), 1, True)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "clipforge-vit-micro"}}))
     loaded, preprocess, tokenizer = load_model(None, checkpoint=run)
     assert not loaded.training

@@ -39,7 +39,8 @@ def make_module(objective_name: str, local_loss: bool = True, gather_with_grad: 
                                     f"objective.clip.local_loss={str(local_loss).lower()}",
                                     f"objective.clip.gather_with_grad={str(gather_with_grad).lower()}"])
     torch.manual_seed(0)
-    model, _, _, tokenizer = create_model(config.model, model_kwargs=objective_model_kwargs(config))
+    _bundle = create_model(config.model, model_kwargs=objective_model_kwargs(config))
+    model, tokenizer = _bundle.model, _bundle.tokenizer
     return ObjectiveModule(model, build_objective(config, model)), tokenizer
 
 

@@ -23,7 +23,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader, Dataset
 
-import clipforge.models.factory  # noqa: F401  (registers clipforge-vit-micro with open_clip)
+import clipforge.models.clip_family  # noqa: F401  (registers clipforge-vit-micro with open_clip)
 from clipforge.config import EvalConfig
 from clipforge.eval import EvalDataset, run_suite, synth_eval_datasets
 from clipforge.eval.fewshot import fit_batched_logistic, sample_episodes

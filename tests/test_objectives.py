@@ -96,7 +96,8 @@ def micro_batch(model, tokenizer, rows: int = 4) -> ImageTextBatch:
 
 def test_clip_objective_equals_open_clip_loss_on_the_model_and_clamps_temperature():
     config = micro_config("clip")
-    model, _, _, tokenizer = create_model(config.model)
+    _bundle = create_model(config.model)
+    model, tokenizer = _bundle.model, _bundle.tokenizer
     objective = build_objective(config, model)
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(1 / 0.07))  # open_clip's initial value
     batch = micro_batch(model, tokenizer)
@@ -118,7 +119,8 @@ def test_clip_objective_equals_open_clip_loss_on_the_model_and_clamps_temperatur
 
 def test_siglip_objective_creates_scale_and_bias_and_matches_open_clip():
     config = micro_config("siglip")
-    model, _, _, tokenizer = create_model(config.model, model_kwargs=objective_model_kwargs(config))
+    _bundle = create_model(config.model, model_kwargs=objective_model_kwargs(config))
+    model, tokenizer = _bundle.model, _bundle.tokenizer
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(10))
     assert float(model.logit_bias.detach()) == pytest.approx(-10.0)
     objective = build_objective(config, model)
@@ -135,7 +137,7 @@ def test_siglip_objective_creates_scale_and_bias_and_matches_open_clip():
 
 def test_siglip_without_a_bias_parameter_is_a_config_error():
     config = micro_config("siglip")
-    model, _, _, _ = create_model(config.model)  # no init_logit_bias -> no logit_bias
+    model = create_model(config.model).model  # no init_logit_bias -> no logit_bias
     with pytest.raises(ConfigError, match="logit_bias"):
         build_objective(config, model)
 
@@ -143,14 +145,15 @@ def test_siglip_without_a_bias_parameter_is_a_config_error():
 def test_unknown_objective_is_a_one_line_config_error():
     from clipforge.objectives.registry import objective_class
 
-    with pytest.raises(ConfigError, match="not registered"):
+    with pytest.raises(ConfigError, match="unknown objective .nope."):
         objective_class("nope")
 
 
 def test_no_weight_decay_on_gains_biases_and_temperature():
     config = micro_config("siglip")
-    model, _, _, _ = create_model(config.model, model_kwargs=objective_model_kwargs(config))
-    decay, no_decay = parameter_groups(model, 0.2)
+    model = create_model(config.model, model_kwargs=objective_model_kwargs(config)).model
+    no_decay_names = create_model(config.model, model_kwargs=objective_model_kwargs(config)).no_weight_decay
+    decay, no_decay = parameter_groups(list(model.named_parameters()), 0.2, 1e-3, no_decay_names)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     exempt = {names[id(p)] for p in no_decay["params"]}
@@ -162,7 +165,7 @@ def test_no_weight_decay_on_gains_biases_and_temperature():
     assert no_decay["weight_decay"] == 0.0
     assert len(decayed) + len(exempt) == len(list(model.parameters()))
     model.lock_image_tower()
-    decay, no_decay = parameter_groups(model, 0.2)
+    decay, no_decay = parameter_groups(list(model.named_parameters()), 0.2, 1e-3, no_decay_names)
     assert not any(n.startswith("visual.") for n, p in model.named_parameters()
                    if any(p is q for q in decay["params"] + no_decay["params"]))
 

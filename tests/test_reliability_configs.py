@@ -491,7 +491,7 @@ def run_case(case: BadConfig, support: Path, runs: Path, stop_before_training: b
         def sentinel(*args, **kwargs):
             raise ReachedTraining
 
-        patch.setattr(loop, "build_optimizer", sentinel)
+        patch.setattr(loop, "build_phase_optimizers", sentinel)
     try:
         with contextlib.chdir(runs), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
             status: int | str = clipforge.cli.main(argv)

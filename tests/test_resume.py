@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from clipforge.config import load_config
 from clipforge.engine.loop import TrainingDiverged, train
-from clipforge.errors import CheckpointError
+from clipforge.errors import CheckpointError, ConfigError
 from clipforge.objectives.clip import ClipObjective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,9 +137,17 @@ def test_resuming_with_an_incompatible_model_fails_before_the_first_step(tmp_pat
     config = load_config(write_config(tmp_path, shards, "run"), ["train.max_steps=4"])
     train(config)
     other = load_config(write_config(tmp_path, shards, "run"), ["model.name=clipforge-vit-tiny"])
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(ConfigError) as caught:
         train(other, resume="latest")
-    assert "does not match model 'clipforge-vit-tiny'" in str(caught.value) and "\n" not in str(caught.value)
+    message = str(caught.value)
+    assert "model.name=clipforge-vit-tiny" in message and "clipforge-vit-micro" in message and "\n" not in message
+    other_file = tmp_path / "other.safetensors"  # the weights themselves are still checked by shape
+    import shutil
+
+    shutil.copy(tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors", other_file)
+    with pytest.raises(CheckpointError, match="does not match model 'clipforge-vit-tiny'"):
+        train(load_config(write_config(tmp_path, shards, "fresh"), ["model.name=clipforge-vit-tiny",
+                                                                     f"model.pretrained={other_file}"]))
     assert latest_step(tmp_path / "run") == 4  # nothing was written
 
 

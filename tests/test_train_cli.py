@@ -46,7 +46,7 @@ def one_error_line(capsys) -> str:
 
 
 def test_train_writes_config_metrics_tensorboard_plots_checkpoint_and_summary(tmp_path, capsys):
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, eval={"num_eval": 32, "batch_size": 32, "tasks": ["zeroshot"], "at_end": True})
     assert main(["train", config, "train.lr=2e-3", "--no-progress"]) == 0
     run = tmp_path / "run"
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -58,17 +58,19 @@ def test_train_writes_config_metrics_tensorboard_plots_checkpoint_and_summary(tm
         assert key in train_records[0]
     # warm-up of 1 step, then cosine over the remaining 7: the 4th step (index 3) is 2/7 of the way down
     assert train_records[1]["lr"] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 7)))
-    evals = [r for r in records if r.get("event") == "eval"]
-    assert len(evals) == 1 and 0.0 <= evals[0]["zeroshot_base_acc1"] <= 1.0
     assert list((run / "tb").glob("events.out.tfevents.*"))
     for name in ("loss", "lr", "logit_scale"):
         assert (run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["samples_seen"] == 8 * 16
-    assert summary["zeroshot"]["chance_base"] == pytest.approx(1 / 48)
+    assert summary["final_metrics"]["logit_scale"] == train_records[-1]["logit_scale"]  # from the objective
     assert (run / "checkpoints" / "step_00000008" / "model.safetensors").is_file()
+    # eval.at_end: the configured tasks ran through the evaluation harness on the run's SynthScenes splits
+    results = [json.loads(p.read_text()) for p in (run / "eval").glob("*zeroshot*.json")]
+    assert results and all(0.0 <= r["metrics"]["acc1"] <= 1.0 for r in results)
+    assert (run / "report.html").is_file()
     err = capsys.readouterr().err
-    assert "zero-shot acc, held-out base classes" in err and "step 8/8" in err
+    assert "evaluation at the end of training" in err and "step 8/8" in err
 
 
 def test_unknown_override_key_is_one_line_with_a_suggestion(tmp_path, capsys):
@@ -121,7 +123,7 @@ def test_one_accumulated_step_equals_adamw_on_the_mean_of_two_micro_batch_gradie
     from clipforge.config import load_config
     from clipforge.data.pipeline import build_loader, prepare_data
     from clipforge.engine.loop import ObjectiveModule, seed_everything, train
-    from clipforge.engine.optim import build_optimizer, learning_rate
+    from clipforge.engine.optim import build_phase_optimizers, learning_rate
     from clipforge.models import create_model
     from clipforge.objectives import build_objective
 
@@ -132,13 +134,15 @@ def test_one_accumulated_step_equals_adamw_on_the_mean_of_two_micro_batch_gradie
 
     # the same step by hand: the first two batches of epoch 0, gradients of (loss_1 + loss_2) / 2, one AdamW step
     seed_everything(config.seed)
-    model, _, preprocess, tokenizer = create_model(config.model)
+    _bundle = create_model(config.model)
+    model, preprocess, tokenizer = _bundle.model, _bundle.preprocess_val, _bundle.tokenizer
     module = ObjectiveModule(model, build_objective(config, model))
     loader = build_loader(prepare_data(config).train, config, preprocess=preprocess, tokenizer=tokenizer)
     batches = iter(loader)
     for _ in range(2):
         (module(next(batches)).total / 2).backward()
-    optimizer = build_optimizer(module, config.train)
+    optimizer = build_phase_optimizers(module, module.objective.phases(model), config.train,
+                                       frozenset(f"model.{n}" for n in _bundle.no_weight_decay))[0].optimizer
     optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = learning_rate(0, 1e-3, 1, 1, "cosine")
     optimizer.step()
     module.objective.after_step(model)

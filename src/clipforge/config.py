@@ -23,8 +23,8 @@ import yaml
 from clipforge.errors import ConfigError
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
 
 
 def positive(default, **kw):
@@ -35,8 +35,15 @@ def non_negative(default, **kw):
     return field(default=default, metadata=_range(0, None), **kw)
 
 
-def between(default, lo, hi, **kw):
-    return field(default=default, metadata=_range(lo, hi), **kw)
+def between(default, lo, hi, *, hi_open: bool = False, **kw):
+    return field(default=default, metadata=_range(lo, hi, hi_open=hi_open), **kw)
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; a few are left for the per-rank offsets
+
+
+def seed_field(default=0, **kw):
+    return field(default=default, metadata=_range(0, MAX_SEED), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -50,7 +57,7 @@ class SynthConfig:
     num_train: int = positive(4096)
     num_val: int = positive(1024)
     image_size: int = between(64, 16, 1024)
-    seed: int = non_negative(0)
+    seed: int = seed_field(0)
     shard_size: int = positive(1024)
     omit_fraction: float = between(0.3, 0.0, 1.0)  # share of objects left out of global captions
     long_tail: float = non_negative(0.0)  # Zipf exponent for class frequencies; 0 = balanced
@@ -71,12 +78,13 @@ class DataConfig:
     scan: bool = True  # decode the training data once first, so each epoch delivers every usable sample once
     csv_image_key: str = "filepath"
     csv_caption_key: str = "caption"
-    csv_separator: str = ","
+    csv_separator: str = ","  # one character (a .tsv file: "\t")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "clipforge-vit-tiny"  # an open_clip architecture name, or a path to a model-config JSON/YAML
+    family: str = "clip"  # the model family (clipforge.registry.FAMILIES): clip (open_clip), toy, ...
+    name: str = "clipforge-vit-tiny"  # clip: an open_clip architecture name or a model-config JSON/YAML path
     pretrained: str | None = None  # an open_clip pretrained tag (online), or a local checkpoint file
     precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
     lock_image: bool = False
@@ -110,7 +118,7 @@ class FineclipObjectiveConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["clip", "siglip", "fineclip"] = "clip"
+    name: str = "clip"  # a registered objective (clipforge.registry.OBJECTIVES)
     clip: ClipObjectiveConfig = field(default_factory=ClipObjectiveConfig)
     siglip: SiglipObjectiveConfig = field(default_factory=SiglipObjectiveConfig)
     fineclip: FineclipObjectiveConfig = field(default_factory=FineclipObjectiveConfig)
@@ -122,8 +130,8 @@ class TrainConfig:
     max_steps: int | None = positive(None)  # stop after this many optimiser steps (overrides epochs)
     lr: float = positive(5e-4)
     weight_decay: float = non_negative(0.2)
-    beta1: float = between(0.9, 0.0, 1.0)
-    beta2: float = between(0.98, 0.0, 1.0)
+    beta1: float = between(0.9, 0.0, 1.0, hi_open=True)  # Adam refuses 1.0
+    beta2: float = between(0.98, 0.0, 1.0, hi_open=True)
     eps: float = positive(1e-6)
     warmup_steps: int = non_negative(100)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -149,14 +157,14 @@ class EvalConfig:
     fewshot_ways: int = positive(5)
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
     fewshot_episodes: int = positive(100)
-    seed: int = non_negative(0)
-    at_end: bool = True  # evaluate after training
+    seed: int = seed_field(0)
+    at_end: bool = False  # `clipforge train` runs these tasks on the run's evaluation data when training ends
 
 
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    seed: int = non_negative(0)
+    seed: int = seed_field(0)
     output_dir: str = "runs/${name}"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -275,8 +283,9 @@ def _check_range(value: Any, meta: dict, key: str, source: str) -> None:
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
         _fail(source, key, f"must be {bound}, got {_show(value)}")
-    if hi is not None and value > hi:
-        _fail(source, key, f"must be <= {hi}, got {_show(value)}")
+    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+        bound = f"< {hi}" if meta.get("hi_open") else f"<= {hi}"
+        _fail(source, key, f"must be {bound}, got {_show(value)}")
 
 
 def _build(cls: type, raw: dict, source: str, prefix: str = ""):
@@ -332,12 +341,34 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise DuplicateKeyError(_show(key), key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: key '{err.key}' appears twice in one section (line {err.line}); "
+                          f"keep one") from None
     except yaml.constructor.ConstructorError as err:
         raise ConfigError(f"{path}: refused a YAML tag that would construct an object ({err.problem})") from None
     except yaml.YAMLError as err:
@@ -376,21 +407,18 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         _fail(source, "model.lock_text", "and model.lock_image are both true: nothing would train")
     if config.model.precision != "fp32" and config.train.device == "cpu":
         _fail(source, "model.precision", f"'{config.model.precision}' needs a GPU but train.device is 'cpu'")
-    from clipforge.eval.tasks import available_tasks  # here, not at the top: the registry imports config
+    from clipforge.registry import EVAL_TASKS, FAMILIES, OBJECTIVES  # name tables only: imports nothing heavy
 
-    known_tasks = available_tasks()
+    FAMILIES.check(config.model.family, source)
+    OBJECTIVES.check(config.objective.name, source)
     for task in config.eval.tasks:
-        if task not in known_tasks:
-            nearest = difflib.get_close_matches(task, known_tasks, n=1, cutoff=0.0)
-            raise ConfigError(f"{source}: key 'eval.tasks' names an unknown task '{task}'; "
-                              f"did you mean '{nearest[0]}'? (known: {', '.join(known_tasks)})")
+        EVAL_TASKS.check(task, source)
+    if len(config.data.csv_separator) != 1:
+        _fail(source, "data.csv_separator", f"must be one character, got {_show(config.data.csv_separator)}")
     for key in ("fewshot_shots",):
         for shots in getattr(config.eval, key):
             if shots < 1:
                 _fail(source, f"eval.{key}", f"entries must be >= 1, got {shots}")
-    if config.data.train == "synth" and config.data.synth.num_train < config.data.batch_size:
-        _fail(source, "data.batch_size", f"({config.data.batch_size}) is larger than the dataset "
-              f"(data.synth.num_train={config.data.synth.num_train})")
 
 
 def to_dict(config) -> dict:

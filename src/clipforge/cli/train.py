@@ -1,7 +1,9 @@
-"""`clipforge train CONFIG [key=value ...] [--resume latest|PATH]`: train a model, show progress, print a summary.
+"""`clipforge train CONFIG [key=value ...] [--resume latest|PATH] [--overwrite]`: train, show progress, summarise.
 
 The library reports events; this module renders them (a rich progress bar with loss, samples/s and ETA on
-the main process, and a summary table at the end). Under torchrun only rank 0 draws.
+the main process, and a summary table at the end). Under torchrun only rank 0 draws. With `eval.at_end`, the
+configured evaluation tasks run on the run's evaluation data when training ends (clipforge.eval.evaluate_run,
+the same code as `clipforge eval RUN`), and the run folder gets its report.html.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--resume", metavar="latest|PATH", default=None,
                         help="continue the run's latest checkpoint, or a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output folder that already holds a run (its records and "
+                             "checkpoints are deleted; generated SynthScenes data is kept)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     parser.set_defaults(handler=run)
 
@@ -52,13 +57,15 @@ class ProgressView:
             handler(event)
 
     def on_start(self, event) -> None:
-        from clipforge.engine.distributed import world_info
+        from clipforge.distributed import world_info
 
         if not world_info().is_main:
             self.enabled = False
             return
         data = event.data
         resumed = f", resumed from {data['resumed_from']}" if data.get("resumed_from") else ""
+        for key, (old, new) in (data.get("config_changes") or {}).items():
+            self.console.print(f"[yellow]resume:[/] {key} changed from {old!r} to {new!r}", soft_wrap=True)
         self.console.print(f"[bold]training[/] {event.total_steps} steps ({data['steps_per_epoch']}/epoch, "
                            f"global batch {data['global_batch']}) on {data['device']} x{data['world_size']}"
                            f" -> {data['run_dir']}{resumed}", soft_wrap=True)
@@ -96,9 +103,10 @@ class ProgressView:
         if self.progress is not None:
             self.progress.update(self.task, loss=f"{record['loss']:.4f}", speed=f"{record['samples_per_s']:.0f}")
         else:
+            extras = "".join(f"  {k} {v:.3g}" for k, v in record.items() if k in LOG_LINE_METRICS)
             self.console.print(f"step {event.step}/{event.total_steps}  epoch {event.epoch}  "
-                               f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                               f"scale {record['logit_scale']:.1f}  {record['samples_per_s']:.0f} samples/s")
+                               f"loss {record['loss']:.4f}  lr {record['lr']:.2e}{extras}  "
+                               f"{record['samples_per_s']:.0f} samples/s")
 
     def on_skip(self, event) -> None:
         self.console.print(f"[yellow]skipped[/] a non-finite loss at {event.data['where']}")
@@ -107,6 +115,9 @@ class ProgressView:
         if self.progress is not None:
             self.progress.stop()
         self.console.print(summary_table(event.data))
+
+
+LOG_LINE_METRICS = ("logit_scale", "logit_bias", "accuracy")  # shown on --no-progress log lines when recorded
 
 
 def summary_table(summary: dict):
@@ -125,15 +136,14 @@ def summary_table(summary: dict):
         ("throughput", f"{summary['samples_per_s']:.0f} samples/s"),
         ("final loss", number(summary["final_loss"], ".4f")),
         ("best loss (at a checkpoint)", number(summary["best_loss"], ".4f")),
-        ("logit scale", f"{summary['final_logit_scale']:.2f}"),
-        ("skipped steps / samples", f"{summary['skipped_steps']} / {sum(summary['skipped_samples'].values())}"),
     ]
-    zeroshot = summary.get("zeroshot")
-    if zeroshot:
-        rows.append(("zero-shot acc, held-out base classes",
-                     f"{zeroshot['zeroshot_base_acc1']:.1%} (chance {zeroshot['chance_base']:.1%})"))
-        rows.append(("zero-shot acc, novel compositions",
-                     f"{zeroshot['zeroshot_novel_acc1']:.1%} (chance {zeroshot['chance_novel']:.1%})"))
+    for name, value in (summary.get("final_metrics") or {}).items():
+        if not name.startswith(("lr", "loss/")) and name != "samples_per_s" and isinstance(value, int | float):
+            rows.append((name, f"{value:.4g}"))
+    rows.append(("skipped steps / samples", f"{summary['skipped_steps']} / {sum(summary['skipped_samples'].values())}"))
+    converted = summary.get("converted_samples") or {}
+    if converted:
+        rows.append(("repaired and kept samples", ", ".join(f"{k} {v}" for k, v in converted.items())))
     rows.append(("checkpoint", str(summary["checkpoint"])))
     for what, value in rows:
         table.add_row(what, value)
@@ -147,8 +157,32 @@ def run(args) -> int:
 
     view = ProgressView(show_bar=config.train.progress and not args.no_progress)
     try:
-        train(config, resume=args.resume, on_event=view)
+        result = train(config, resume=args.resume, on_event=view, overwrite=args.overwrite)
     finally:
         if view.progress is not None:
             view.progress.stop()
+    if config.eval.at_end and view.enabled:  # rank 0 only (the others disabled their view)
+        evaluate_at_end(result.run_dir, config, view.console, show_progress=view.show_bar)
     return 0
+
+
+def evaluate_at_end(run_dir, config, console, show_progress: bool) -> None:
+    """eval.at_end: the run's configured tasks on its evaluation data, results table and report."""
+    import warnings
+
+    from clipforge.cli.eval import ProgressView as EvalProgress
+    from clipforge.cli.eval import results_table
+    from clipforge.engine.precision import resolve_device
+    from clipforge.eval.report import write_report
+    from clipforge.eval.suite import evaluate_run
+
+    console.rule(f"[bold]evaluation at the end of training[/] ({', '.join(config.eval.tasks)})")
+    with EvalProgress(console, show_progress) as progress, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = evaluate_run(run_dir, device=resolve_device(config.train.device, 0), progress=progress)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    console.print(results_table(summary))
+    for item in summary["skipped"]:
+        console.print(f"[dim]not run: {item['task']} on {item['dataset']} ({item['reason']})[/]", soft_wrap=True)
+    console.print(f"report:  {write_report(run_dir)}")

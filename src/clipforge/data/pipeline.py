@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipforge.data.batches import ImageTextBatch
 from clipforge.data.generate import generate_synth_shards
-from clipforge.data.samples import DEFAULT_MAX_PIXELS, SkipCounter, add_counts, decode_sample
+from clipforge.data.samples import DEFAULT_MAX_PIXELS, SkipCounter, add_counts
 from clipforge.data.scan import scan_source
 from clipforge.data.sources import DataSource, open_source
 from clipforge.data.streams import PASS_END, CounterRedirect, EpochPlan, plan_epoch, worker_records
@@ -78,7 +78,15 @@ def _open_configured(config, key: str, spec: str) -> DataSource:
     return source
 
 
-def prepare_data(config, progress: Callable[[int], None] | None = None) -> DataSources:
+def check_batch_size(num_samples: int, batch_size: int, world_size: int, spec: str, size: str = "") -> None:
+    """The one batch-size check: every rank needs at least one full batch per epoch."""
+    if num_samples < batch_size * world_size:
+        ranks = f" x {world_size} ranks" if world_size > 1 else ""
+        raise DataError(f"data.batch_size ({batch_size}){ranks} is larger than the training set '{spec}' "
+                        f"({size or f'{num_samples} samples'}): no full batch per epoch")
+
+
+def prepare_data(config, progress: Callable[[int], None] | None = None, world_size: int = 1) -> DataSources:
     """Resolve data.train / data.val into DataSources; generate SynthScenes shards into run_dir/data/{train,val}
     when data.train is 'synth' (skipped when an identical set is already there).
 
@@ -112,8 +120,7 @@ def prepare_data(config, progress: Callable[[int], None] | None = None) -> DataS
             raise DataError(f"data.train: no usable samples in '{train.spec}' (all {train.num_samples} were "
                             f"skipped: {train.scan.skipped})")
         size = f"{train.scan.usable} usable of {size}"
-    if int(train.unit_sizes().sum()) < data.batch_size:
-        raise DataError(f"data.batch_size ({data.batch_size}) is larger than the training set '{train.spec}' ({size})")
+    check_batch_size(int(train.unit_sizes().sum()), data.batch_size, world_size, train.spec, size)
     return DataSources(train=train, val=val)
 
 
@@ -177,7 +184,7 @@ class _Settings:
     shuffle_buffer: int
     strict: bool
     max_pixels: int
-    with_regions: bool
+    decode: Callable  # the batch type's decode(record, counter, max_pixels)
 
 
 @dataclass
@@ -249,7 +256,7 @@ class _EpochDataset(IterableDataset):
                     redirect.target = already_counted
                     continue
                 emitted += 1
-                sample = decode_sample(record, redirect.target, s.max_pixels, s.with_regions)
+                sample = s.decode(record, redirect.target, s.max_pixels)
                 if sample is not None:
                     samples.append(sample)
                     valid_in_pass += 1
@@ -363,8 +370,8 @@ def build_loader(
 ) -> Loader:
     """A loader for one epoch of one rank. `shuffle=False` (evaluation) reads in storage order, with no
     shuffle buffer and no per-sample random seeding. `position` (from `position_after`) resumes."""
-    if preprocess is None or tokenizer is None:
-        raise TypeError("build_loader needs the model's preprocess and tokenizer")
+    if preprocess is None:
+        raise TypeError("build_loader needs the model's preprocess")
     data = config.data
     batch_size = data.batch_size
     if position is not None:
@@ -383,13 +390,11 @@ def build_loader(
     plan = plan_epoch(source.unit_sizes(), seed=config.seed, epoch=epoch, rank=rank, world_size=world_size,
                       num_workers=logical, batch_size=batch_size, shuffle=shuffle)
     if plan.batches_per_rank == 0:
-        raise DataError(f"data.batch_size ({batch_size}) x {world_size} rank(s) is larger than the dataset "
-                        f"'{source.spec}' ({source.num_samples} samples)")
-    from clipforge.data.batches import RegionBatch
-
+        check_batch_size(num_samples, batch_size, world_size, source.spec)
+        raise DataError(f"data '{source.spec}' gives no full batch of {batch_size} per rank and epoch")
     settings = _Settings(seed=config.seed, epoch=epoch, rank=rank, batch_size=batch_size,
                          shuffle_buffer=data.shuffle_buffer if shuffle else 0, strict=data.strict,
-                         max_pixels=max_pixels, with_regions=issubclass(batch_type, RegionBatch))
+                         max_pixels=max_pixels, decode=batch_type.decode)
     builder = BatchBuilder(batch_type, preprocess, tokenizer, seed=config.seed, epoch=epoch,
                            max_regions=data.max_regions, randomize=shuffle, image_size=image_size)
     dataset = _EpochDataset(source, plan, settings, builder, position.batches_done, list(position.emitted))

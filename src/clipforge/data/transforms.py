@@ -1,7 +1,7 @@
-"""From validated samples to batch tensors: open_clip preprocessing, tokenising and region handling.
+"""From validated samples to batch tensors: preprocessing with per-sample seeds, tokenising, region geometry.
 
-The engine passes in open_clip's `preprocess` (a torchvision Compose) and `tokenizer` (list[str] ->
-LongTensor [N, L]); this module applies them.
+The engine passes in the model's `preprocess` (a torchvision Compose) and `tokenizer` (list[str] ->
+LongTensor [N, L], or None); the batch type's `collate` applies them through a BatchBuilder.
 
 Randomness is per sample: when a batch is built for training, every sample's preprocess runs under a
 torch seed derived from (seed, epoch, sample key), inside `torch.random.fork_rng`, so random
@@ -18,13 +18,11 @@ Up to `max_regions` regions per image are sampled per step with an RNG seeded by
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
 
-from clipforge.data.batches import ImageTextBatch, RegionBatch
 from clipforge.data.samples import Sample
 
 _GEOMETRIC = ("Resize", "Crop", "Flip", "Affine", "Rotation", "Perspective", "Pad")
@@ -81,19 +79,24 @@ def scale_box(box, width: int, height: int, size: int) -> tuple[float, float, fl
 
 
 class BatchBuilder:
-    """Turns a list of Samples into an ImageTextBatch or a RegionBatch."""
+    """What a batch type's `collate` uses: the image transform with per-sample seeding, and the tokenizer.
 
-    def __init__(self, batch_type: type, preprocess: Callable, tokenizer: Callable, *, seed: int = 0,
+    The batch type decides what it builds (`batch_type.collate(samples, builder)`) and which image transform
+    applies (`batch_type.image_transform(preprocess, image_size)`: the model's preprocess, or the squash
+    resize of region batches).
+    """
+
+    def __init__(self, batch_type: type, preprocess: Callable, tokenizer: Callable | None, *, seed: int = 0,
                  epoch: int = 0, max_regions: int = 4, randomize: bool = True, image_size: int | None = None):
         self.batch_type = batch_type
         self.tokenizer = tokenizer
         self.seed, self.epoch = seed, epoch
         self.max_regions = max_regions
         self.randomize = randomize  # False: no per-sample seeding (evaluation; preprocess is deterministic)
-        self.regions = issubclass(batch_type, RegionBatch)
-        self.image_transform = RegionImageTransform(preprocess, image_size) if self.regions else preprocess
+        self.image_transform = batch_type.image_transform(preprocess, image_size)
 
-    def _image_tensor(self, sample: Sample) -> torch.Tensor:
+    def image_tensor(self, sample) -> torch.Tensor:
+        """One sample's image through the transform, under a seed of (seed, epoch, key) when randomising."""
         if not self.randomize:
             return self.image_transform(sample.image)
         with torch.random.fork_rng(devices=[]):
@@ -101,37 +104,13 @@ class BatchBuilder:
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, sample.key, "image"))
             return self.image_transform(sample.image)
 
-    def __call__(self, samples: list[Sample]) -> ImageTextBatch:
-        images = torch.stack([self._image_tensor(s) for s in samples])  # [B, 3, H, W]
-        texts = self.tokenizer([s.caption for s in samples])  # [B, L]
-        labels = torch.tensor([s.label if s.label is not None else -1 for s in samples], dtype=torch.long)  # [B]
-        keys = [s.key for s in samples]
-        if not self.regions:
-            return self.batch_type(images=images, texts=texts, labels=labels, keys=keys)
-        return self._region_batch(samples, images, texts, labels, keys)
+    def images(self, samples: list[Sample]) -> torch.Tensor:
+        return torch.stack([self.image_tensor(s) for s in samples])  # [B, 3, H, W]
 
-    def _region_batch(self, samples, images, texts, labels, keys) -> RegionBatch:
-        size = self.image_transform.size
-        batch, slots, length = len(samples), self.max_regions, texts.shape[1]
-        boxes = torch.zeros(batch, slots, 4)  # [B, M, 4] model-input pixels
-        region_valid = torch.zeros(batch, slots, dtype=torch.bool)  # [B, M]
-        region_texts = torch.zeros(batch, slots, length, dtype=texts.dtype)  # [B, M, L]
-        captions, where = [], []
-        for i, sample in enumerate(samples):
-            chosen = list(range(len(sample.regions)))
-            if len(chosen) > slots:
-                picker = random.Random(sample_seed(self.seed, self.epoch, sample.key, "regions"))
-                chosen = sorted(picker.sample(chosen, slots))
-            width, height = sample.image.size
-            for slot, r in enumerate(chosen):
-                region = sample.regions[r]
-                boxes[i, slot] = torch.tensor(scale_box(region.box, width, height, size))
-                region_valid[i, slot] = True
-                captions.append(region.caption)
-                where.append((i, slot))
-        if captions:
-            tokens = self.tokenizer(captions)  # [R, L]
-            rows, cols = zip(*where)
-            region_texts[list(rows), list(cols)] = tokens.to(region_texts.dtype)
-        return RegionBatch(images=images, texts=texts, labels=labels, keys=keys, boxes=boxes,
-                           region_texts=region_texts, region_valid=region_valid)
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise TypeError(f"{self.batch_type.__name__} needs a tokenizer and the model has none")
+        return self.tokenizer(texts)  # [N, L]
+
+    def __call__(self, samples: list[Sample]):
+        return self.batch_type.collate(samples, self)

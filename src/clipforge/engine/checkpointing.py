@@ -1,9 +1,11 @@
 """Training checkpoints that load without pickle, are written atomically and resume exactly.
 
 A checkpoint is a folder `checkpoints/step_00000100/` holding
-  model.safetensors   the plain open_clip state_dict (loads with open_clip.create_model(name, pretrained=...))
+  model.safetensors   the model's plain state_dict, frozen pretrained parts left out (for the clip family
+                      this file loads as it is in the upstream library: models/clip_family.py)
+  model.json          the model family's resolved config: the folder loads back from it alone
   objective.safetensors  the objective's own parameters and buffers, only when it has any
-  state.safetensors   optimizer tensors (Adam moments and step counts), flattened to named tensors
+  state.safetensors   optimizer tensors (Adam moments and step counts) of every phase, as named tensors
   state.json          everything else: step, epoch, data position, optimizer hyperparameters, grad-scaler
                       state, the RNG states of every rank, the model name and a hash of the config
 The folder is written under a temporary name and renamed into place, then `latest.json` (and `best.json`)
@@ -27,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clipforge.errors import CheckpointError
-from clipforge.models.checkpoint import save_model_weights
+from clipforge.models.checkpoint import PointerUnreadable, read_checkpoint_pointer, save_model_weights
+from clipforge.models.factory import write_model_json
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
@@ -75,26 +78,37 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+MAIN_OPTIMIZER = "main"
+
+
+def _tensor_prefix(phase: str) -> str:
+    # the main phase keeps the single-optimiser names, so older checkpoints read the same way
+    return "optimizer." if phase == MAIN_OPTIMIZER else f"optimizer@{phase}."
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer, phase: str = MAIN_OPTIMIZER
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state_dict -> (named tensors, JSON-able rest)."""
     state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
+    prefix = _tensor_prefix(phase)
     for index, values in state_dict["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{prefix}{index}.{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, phase: str = MAIN_OPTIMIZER) -> dict:
     state: dict[int, dict] = {}
+    prefix = _tensor_prefix(phase)
     for name, value in tensors.items():
-        if not name.startswith("optimizer."):
+        if not name.startswith(prefix):
             continue
-        _, index, key = name.split(".", 2)
+        index, key = name[len(prefix):].split(".", 1)
         state.setdefault(int(index), {})[key] = value
     for index, values in meta.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(values)
@@ -125,8 +139,8 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(
     checkpoint_root: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    bundle,
+    optimizers: dict[str, torch.optim.Optimizer],
     scaler: torch.amp.GradScaler | None,
     training: TrainingState,
     rng_states: list[dict],
@@ -135,7 +149,10 @@ def save_checkpoint(
     is_best: bool,
     objective: nn.Module | None = None,
 ) -> Path:
-    """Write one checkpoint folder atomically, point latest.json (and best.json) at it, prune old ones."""
+    """Write one checkpoint folder atomically, point latest.json (and best.json) at it, prune old ones.
+
+    `bundle` is the model's ModelBundle (its weights, frozen parts left out, and its model.json); `optimizers`
+    maps each optimiser phase to its optimizer."""
     final = checkpoint_root / step_dir_name(training.step)
     temporary = checkpoint_root / f"{TEMP_PREFIX}{final.name}"
     try:
@@ -143,15 +160,20 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
 
-        save_model_weights(model, temporary / "model.safetensors")
+        save_model_weights(bundle.model, temporary / "model.safetensors", exclude=bundle.frozen)
+        write_model_json(bundle, temporary)
         if objective is not None and objective.state_dict():
             save_model_weights(objective, temporary / "objective.safetensors")
-        optimizer_tensors, optimizer_meta = flatten_optimizer(optimizer)
+        optimizer_tensors, phase_meta = {}, {}
+        for phase, optimizer in optimizers.items():
+            tensors, phase_meta[phase] = flatten_optimizer(optimizer, phase)
+            optimizer_tensors.update(tensors)
         save_file(optimizer_tensors, str(temporary / "state.safetensors"), metadata={"format": "pt"})
         payload = {
             "format_version": FORMAT_VERSION,
             "training": training.__dict__,
-            "optimizer": optimizer_meta,
+            "optimizer": phase_meta.get(MAIN_OPTIMIZER),
+            "phase_optimizers": {k: v for k, v in phase_meta.items() if k != MAIN_OPTIMIZER},
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_states,
             **meta,
@@ -175,13 +197,11 @@ def save_checkpoint(
 
 
 def _pointer(checkpoint_root: Path, name: str) -> str | None:
-    path = checkpoint_root / name
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["path"]
-    except (ValueError, KeyError):
+        target = read_checkpoint_pointer(checkpoint_root, name)
+    except CheckpointError:
         return None
+    return target.name if target is not None else None
 
 
 def prune_checkpoints(checkpoint_root: Path, keep_last: int) -> None:
@@ -228,30 +248,22 @@ CHECKPOINT_FILES = ("model.safetensors", "state.json", "state.safetensors")
 def _latest_checkpoint(checkpoint_root: Path) -> Path | None:
     """The folder latest.json names; when latest.json is unreadable (a torn write), the newest complete step folder,
     so that a resume never silently starts over from step 0."""
-    pointer = checkpoint_root / "latest.json"
-    if not pointer.is_file():
-        return None
     try:
-        name = json.loads(pointer.read_text(encoding="utf-8"))["path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        name = None
-    if name is None or not isinstance(name, str):
+        return read_checkpoint_pointer(checkpoint_root, "latest.json")  # never a folder outside the run
+    except PointerUnreadable:
         complete = [p for p in sorted(checkpoint_root.iterdir(), reverse=True)
                     if p.is_dir() and p.name.startswith(STEP_PREFIX) and all((p / f).is_file() for f in CHECKPOINT_FILES)]
         if not complete:
-            raise CheckpointError(f"'{pointer}' is unreadable and no complete checkpoint folder is beside it")
+            raise CheckpointError(f"'{checkpoint_root / 'latest.json'}' is unreadable and no complete checkpoint "
+                                  f"folder is beside it") from None
         return complete[0]
-    # the pointer must name a folder beside it: never an absolute path or one outside the run
-    if name in ("", ".", "..") or Path(name).name != name or "/" in name or "\\" in name:
-        raise CheckpointError(f"'{pointer}' names {name[:80]!r}, not a checkpoint folder beside it")
-    return checkpoint_root / name
 
 
 @dataclass
 class LoadedCheckpoint:
     path: Path
     training: TrainingState
-    optimizer_state: dict
+    optimizer_states: dict[str, dict]  # phase -> optimizer state_dict
     scaler_state: dict | None
     rng_states: list[dict]
     meta: dict
@@ -267,12 +279,42 @@ def read_checkpoint(path: Path) -> LoadedCheckpoint:
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format {payload.get('format_version')}, "
                               f"expected {FORMAT_VERSION}")
-    meta = {k: v for k, v in payload.items() if k not in ("training", "optimizer", "scaler", "rng")}
+    meta = {k: v for k, v in payload.items() if k not in ("training", "optimizer", "phase_optimizers", "scaler", "rng")}
+    try:
+        phase_meta = {MAIN_OPTIMIZER: payload["optimizer"], **(payload.get("phase_optimizers") or {})}
+        optimizer_states = {phase: unflatten_optimizer(tensors, body, phase) for phase, body in phase_meta.items()
+                            if body is not None}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"checkpoint '{path}': the optimizer state in state.json is malformed") from None
     return LoadedCheckpoint(
         path=path,
-        training=TrainingState(**payload["training"]),
-        optimizer_state=unflatten_optimizer(tensors, payload["optimizer"]),
+        training=_training_state(payload.get("training"), path),
+        optimizer_states=optimizer_states,
         scaler_state=payload.get("scaler"),
         rng_states=payload.get("rng") or [],
         meta=meta,
     )
+
+
+_STATE_TYPES = {"step": int, "epoch": int, "batches_in_epoch": int, "samples_seen": int}
+
+
+def _training_state(body, path: Path) -> TrainingState:
+    """state.json's "training" section, checked key by key (one line naming the first problem)."""
+    if not isinstance(body, dict):
+        raise CheckpointError(f"checkpoint '{path}': state.json has no \"training\" section")
+    known = set(TrainingState.__dataclass_fields__)
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint '{path}': state.json has an unknown key 'training.{unknown[0][:60]}'")
+    for key, kind in _STATE_TYPES.items():
+        value = body.get(key, 0)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"checkpoint '{path}': state.json 'training.{key}' must be a non-negative "
+                                  f"integer, got {str(value)[:40]!r}")
+    best = body.get("best_loss")
+    if best is not None and (not isinstance(best, int | float) or isinstance(best, bool)):
+        raise CheckpointError(f"checkpoint '{path}': state.json 'training.best_loss' must be a number or null")
+    if not isinstance(body.get("data_positions") or [], list) or not isinstance(body.get("extra") or {}, dict):
+        raise CheckpointError(f"checkpoint '{path}': state.json 'training.data_positions' / 'extra' are malformed")
+    return TrainingState(**body)

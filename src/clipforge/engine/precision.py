@@ -1,6 +1,6 @@
 """Devices and precision: fp32 on CPU; bf16 or fp16 autocast on GPU (fp16 with a gradient scaler).
 
-Weights stay fp32 in every mode (as open_clip's `amp` modes do); autocast runs matmuls in low precision.
+Weights stay fp32 in every mode (as the usual `amp` training modes do); autocast runs matmuls in low precision.
 fp16's narrow range lets small gradients underflow, so its loss is scaled up before backward and the
 gradients unscaled before clipping and the step (torch.amp.GradScaler); bf16 has fp32's range and needs none.
 """

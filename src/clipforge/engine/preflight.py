@@ -1,13 +1,18 @@
-"""Checks that run before the first step, and the JSON form of the data loader's resume position."""
+"""Checks that run before the first step: the run folder (writable, not someone else's run, not in use)."""
 
 from __future__ import annotations
 
-import dataclasses
+import fcntl
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from clipforge.errors import ConfigError
+
+LOCK_FILE = ".lock"
+# what a run writes into its folder; a fresh run into a folder holding any of these needs --overwrite
+RUN_RECORDS = ("checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "tb", "plots")
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -43,25 +48,66 @@ def _not_writable(run_dir: Path, err: OSError):
                       f"folder") from None
 
 
-def data_position_to_json(position):
-    """The loader's DataPosition as plain JSON values (it is a dataclass or already a mapping)."""
-    if position is None:
-        return None
-    if hasattr(position, "to_dict"):
-        return position.to_dict()
-    if dataclasses.is_dataclass(position):
-        return dataclasses.asdict(position)
-    return position
+def check_not_a_previous_run(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """A fresh start in a folder that holds a run would truncate its history and overwrite its checkpoints
+    (and a later resume's pruning would then delete the new ones): refuse unless told to start over."""
+    if resume is not None or overwrite or not run_dir.is_dir():
+        return
+    found = [name for name in RUN_RECORDS if (run_dir / name).exists()]
+    if found:
+        raise ConfigError(f"output folder '{run_dir}' already holds a run ({found[0]}); continue it with "
+                          f"--resume latest, set a new output_dir, or pass --overwrite to start it over")
 
 
-def data_position_from_json(payload):
-    """The inverse of data_position_to_json, using the pipeline's DataPosition type."""
-    if payload is None:
-        return None
-    from clipforge.data.pipeline import DataPosition
+def clear_previous_run(run_dir: Path) -> None:
+    """--overwrite: remove the previous run's records (SynthScenes data generated in data/ is kept)."""
+    for name in RUN_RECORDS + ("eval", "eval_suite.json", "report.html"):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
-    if hasattr(DataPosition, "from_dict"):
-        return DataPosition.from_dict(payload)
-    if dataclasses.is_dataclass(DataPosition) and isinstance(payload, dict):
-        return DataPosition(**payload)
-    return payload
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a training (released by the OS if the process dies)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.handle = None
+
+    def acquire(self) -> RunLock:
+        try:
+            self.handle = open(self.run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until release()
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            self.handle = None
+            raise ConfigError(f"output folder '{self.run_dir}' is in use by another training (pid "
+                              f"{_lock_owner(self.run_dir)}); wait for it or set another output_dir") from None
+        except OSError as err:
+            _not_writable(self.run_dir, err)
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def check_not_locked(run_dir: Path) -> None:
+    """Fail fast (before building anything) when another training holds the folder."""
+    if (run_dir / LOCK_FILE).is_file():
+        RunLock(run_dir).acquire().release()
+
+
+def _lock_owner(run_dir: Path) -> str:
+    try:
+        return (run_dir / LOCK_FILE).read_text().strip()[:12] or "?"
+    except OSError:
+        return "?"

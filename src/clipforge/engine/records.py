@@ -11,11 +11,17 @@ import math
 import os
 from pathlib import Path
 
-PLOTS = {  # file stem -> (metric key, title)
-    "loss": ("loss", "training loss"),
-    "lr": ("lr", "learning rate"),
-    "logit_scale": ("logit_scale", "logit scale exp(t) = 1 / temperature"),
-}
+# record keys that are not curves; every other number a run recorded gets a plot
+NOT_PLOTTED = ("step", "epoch", "time", "event")
+
+
+def split_sample_counts(counts: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(skipped, repaired-and-kept) sample counts: a converted CMYK image was not skipped."""
+    from clipforge.data.samples import REPAIR_KINDS_PREFIX
+
+    skipped = {k: v for k, v in counts.items() if not k.startswith(REPAIR_KINDS_PREFIX)}
+    repaired = {k: v for k, v in counts.items() if k.startswith(REPAIR_KINDS_PREFIX)}
+    return skipped, repaired
 
 
 def _jsonable(value):
@@ -76,31 +82,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def write_plots(run_dir: Path, records: list[dict]) -> list[Path]:
-    """One PNG per curve in PLOTS (training records only); returns the files written."""
+    """One PNG per numeric key the training records hold (loss, lr, every objective metric); returns the files."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to files
     import matplotlib.pyplot as plt
 
     train_records = [r for r in records if r.get("event") is None]
+    keys = dict.fromkeys(k for r in train_records for k, v in r.items()
+                         if k not in NOT_PLOTTED and isinstance(v, int | float) and not isinstance(v, bool))
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, (key, title) in PLOTS.items():
+    for key in keys:
         points = [(r["step"], r[key]) for r in train_records if isinstance(r.get(key), int | float)]
-        if not points:
-            continue
         figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
         axis.plot([s for s, _ in points], [v for _, v in points], linewidth=1.5)
         axis.set_xlabel("optimiser step")
-        axis.set_title(title)
+        axis.set_title(key)
         axis.grid(alpha=0.3)
-        if key == "loss" and all(v > 0 for _, v in points):
+        if key.startswith("loss") and all(v > 0 for _, v in points):
             axis.set_yscale("log")
         figure.tight_layout()
-        figure.savefig(plot_dir / f"{stem}.png")
+        path = plot_dir / f"{key.replace('/', '_')}.png"
+        figure.savefig(path)
         plt.close(figure)
-        written.append(plot_dir / f"{stem}.png")
+        written.append(path)
     return written
 
 

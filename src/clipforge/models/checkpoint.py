@@ -8,6 +8,7 @@ unpickler — so such files are refused unless the user sets `model.trust_pickle
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -101,9 +102,47 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Write the model's plain open_clip state_dict as safetensors (temp file, then rename)."""
+def save_model_weights(model: nn.Module, path: str | Path, exclude: tuple[str, ...] = ()) -> None:
+    """Write the model's plain state_dict as safetensors (temp file, then rename); for a `clip` model that is
+    open_clip's own. State-dict prefixes in `exclude` (frozen pretrained parts) are left out."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    save_file(plain_state_dict(model), str(temporary), metadata={"format": "pt"})
+    state = {k: v for k, v in plain_state_dict(model).items()
+             if not any(k == p or k.startswith(p + ".") for p in exclude)}
+    save_file(state, str(temporary), metadata={"format": "pt"})
     os.replace(temporary, path)
+
+
+def read_checkpoint_pointer(checkpoint_root: str | Path, name: str = "latest.json") -> Path | None:
+    """The step folder a pointer file (`latest.json`, `best.json`) names, or None when there is no pointer.
+
+    The one pointer reader (resume, evaluation, pruning): the pointer must name a folder *beside it* — never
+    an absolute path, `..`, or anything outside the run — and be a JSON object with a string "path".
+    CheckpointError (one line) otherwise; a torn pointer is `PointerUnreadable` so that resume can fall back
+    to the newest complete step folder.
+    """
+    pointer = Path(checkpoint_root) / name
+    if not pointer.is_file():
+        return None
+    try:
+        payload = json.loads(pointer.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise PointerUnreadable(f"'{pointer}' is not readable JSON") from None
+    target = payload.get("path") if isinstance(payload, dict) else None
+    if not isinstance(target, str):
+        raise PointerUnreadable(f"'{pointer}' has no string \"path\"")
+    if target in ("", ".", "..") or Path(target).name != target or "/" in target or "\\" in target:
+        raise CheckpointError(f"'{pointer}' names {target[:80]!r}, not a checkpoint folder beside it")
+    return Path(checkpoint_root) / target
+
+
+class PointerUnreadable(CheckpointError):
+    """A pointer file that does not parse (e.g. a write torn by a crash)."""
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity: they give chance-level numbers with no other sign."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"'{source}' holds non-finite values (NaN or inf) in '{key}'; refusing to "
+                                  f"load it")

@@ -3,7 +3,7 @@
 FineCLIP and CLIPSelf read region features off a dense map built from the ViT's last block with its
 attention replaced by each token's own value path ("every token attends only to itself"); the residual and
 the MLP are kept, the class token is dropped, and every patch token goes through `ln_post` and `proj` like the
-pooled token does (specs/clip_fineclip.md B1, C3).
+pooled token does (FineCLIP, NeurIPS 2024; docs/fineclip.md).
 
 `encode_image_and_dense` computes the global embedding and the dense map in ONE pass of the full image: the
 first L-1 blocks are shared, then the last block runs twice on the same input, once as usual (for the class

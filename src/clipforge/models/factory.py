@@ -1,160 +1,108 @@
-"""Models come from open_clip: one factory for training (`create_model`) and one for evaluation (`load_model`).
+"""Models by family: `create_model` builds what a config names, `load_model` rebuilds what a checkpoint holds.
 
-Our small architectures (src/clipforge/model_configs/*.json) are registered with open_clip when this module
-is imported, so `open_clip.create_model("clipforge-vit-tiny")` works anywhere after `import clipforge.models`.
-A model config may also be a path to a JSON or YAML file in open_clip's format.
+    bundle = create_model(ModelConfig(family="clip", name="clipforge-vit-tiny"))   # a ModelBundle
+    model, preprocess, tokenizer = load_model(None, checkpoint="runs/my_run")      # eval mode, latest weights
+
+The family (`model.family`, default `clip`) is looked up in `clipforge.registry.FAMILIES`; nothing here
+knows what kind of model it builds. A checkpoint folder carries `model.json` (the bundle's resolved
+config), so a run folder or checkpoint loads back from it alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import json
-import logging
-import tempfile
 from pathlib import Path
 
-import open_clip
 import torch
-import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from clipforge.config import ModelConfig, read_yaml
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge.models.checkpoint import check_compatible, read_weight_shapes, refuse_untrusted
-
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)
-
-_yaml_config_dir: Path | None = None  # YAML model configs are registered as JSON copies written here
-
-
-def _register_config_file(path: Path) -> str:
-    """Register a JSON/YAML open_clip model config file; returns the name to create it by (the file stem)."""
-    global _yaml_config_dir
-    try:
-        text = path.read_text(encoding="utf-8")
-        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise ConfigError(f"model config '{path}' could not be read ({type(err).__name__})") from None
-    if not isinstance(config, dict) or not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise ConfigError(f"model config '{path}' needs the keys embed_dim, vision_cfg and text_cfg")
-    if path.suffix == ".json":
-        open_clip.add_model_config(path)
-    else:  # open_clip's registry reads JSON only: register a JSON copy
-        if _yaml_config_dir is None:
-            _yaml_config_dir = Path(tempfile.mkdtemp(prefix="clipforge-model-configs-"))
-        copy = _yaml_config_dir / f"{path.stem}.json"
-        copy.write_text(json.dumps(config), encoding="utf-8")
-        open_clip.add_model_config(copy)
-    return path.stem
-
-
-def resolve_model_name(name_or_path: str) -> str:
-    """An open_clip architecture name for `name_or_path` (a registered name, a config file, or a hub id)."""
-    if name_or_path.startswith(("hf-hub:", "local-dir:")):
-        return name_or_path
-    path = Path(name_or_path)
-    if path.suffix in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"model config file '{path}' does not exist")
-        return _register_config_file(path)
-    known = open_clip.list_models()
-    if name_or_path not in known:
-        nearest = difflib.get_close_matches(name_or_path, known, n=1)
-        hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
-        raise ConfigError(f"model.name '{name_or_path}' is not an open_clip architecture or a config file{hint}")
-    return name_or_path
-
-
-class _QuietOpenClip(logging.Filter):
-    """Drops open_clip's informational warnings (e.g. 'initialized randomly'): the library does not print."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or "open_clip" not in record.pathname
-
-
-@contextlib.contextmanager
-def _quiet_open_clip():
-    quiet = _QuietOpenClip()
-    logging.getLogger().addFilter(quiet)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
-def _is_pretrained_tag(model_name: str, pretrained: str) -> bool:
-    return bool(open_clip.get_pretrained_cfg(model_name, pretrained))
-
-
-def _fetch_tag(model_name: str, tag: str, trust_pickle: bool) -> None:
-    """Download (or find in the cache) the weights of a pretrained tag and apply the pickle policy to them."""
-    from open_clip.pretrained import download_pretrained
-
-    try:
-        path = download_pretrained(open_clip.get_pretrained_cfg(model_name, tag))
-    except Exception as err:  # noqa: BLE001 - network or hub failures are the user's environment
-        raise CheckpointError(f"pretrained tag '{tag}' of '{model_name}' could not be fetched "
-                              f"(offline? {type(err).__name__})") from None
-    refuse_untrusted(path, trust_pickle)
+from clipforge.models.checkpoint import (
+    PointerUnreadable,
+    check_compatible,
+    check_finite_weights,
+    read_checkpoint_pointer,
+    read_weight_shapes,
+)
+from clipforge.models.family import MODEL_CONFIG_FILE, ModelBundle, is_frozen_key
+from clipforge.registry import FAMILIES
 
 
 def create_model(
     model_config: ModelConfig,
     device: str | torch.device = "cpu",
     model_kwargs: dict | None = None,
-) -> tuple[nn.Module, object, object, object]:
-    """Build the model to train: (model, preprocess_train, preprocess_val, tokenizer).
+    saved: dict | None = None,
+) -> ModelBundle:
+    """Build the model `model_config` names, through its family's builder (in train mode, fp32).
 
-    `model_config.pretrained` is an open_clip tag (downloaded by open_clip when online) or a local file.
-    `model_kwargs` reach the open_clip model constructor (e.g. SigLIP's init_logit_scale / init_logit_bias).
-    The model is in fp32 (mixed precision is autocast in the loop) and in train mode.
+    `model_kwargs` reach the family's constructor (e.g. SigLIP's init_logit_bias for open_clip); `saved` is a
+    checkpoint's model.json, from which the family rebuilds exactly what was saved.
     """
-    name = resolve_model_name(model_config.name)
-    model_kwargs = dict(model_kwargs or {})
-    pretrained = model_config.pretrained
-    tag = pretrained if pretrained and _is_pretrained_tag(name, pretrained) else None
-    weight_file = Path(pretrained) if pretrained and tag is None else None
-    if weight_file is not None and not weight_file.is_file():
-        raise CheckpointError(f"model.pretrained '{pretrained}' is neither a pretrained tag of '{name}' "
-                              f"nor an existing file")
-    if tag is not None:
-        _fetch_tag(name, tag, model_config.trust_pickle)
-    if weight_file is not None:
-        shapes = read_weight_shapes(weight_file, model_config.trust_pickle)  # refuses untrusted pickles
-
-    with _quiet_open_clip():
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device, output_dict=True, **model_kwargs
-        )
-        if weight_file is not None:
-            check_compatible(model, shapes, str(weight_file), name)
-            _load_weight_file(model, weight_file)
-
-    if model_config.lock_image:  # LiT: a frozen image tower, only text (and temperature) learn
-        model.lock_image_tower(unlocked_groups=0)
-    if model_config.lock_text:
-        model.lock_text_tower(unlocked_layers=0)
-    if model_config.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    tokenizer = open_clip.get_tokenizer(name)  # bundled BPE vocabulary; context length from the config
-    return model, preprocess_train, preprocess_val, tokenizer
+    builder = FAMILIES.load(model_config.family)
+    return builder(model_config, device=device, model_kwargs=model_kwargs, saved=saved)
 
 
-def _load_weight_file(model: nn.Module, path: Path) -> None:
-    initial_bias = getattr(model, "logit_bias", None)
-    initial_bias = None if initial_bias is None else initial_bias.detach().clone()
-    # safetensors are read with safetensors; a trusted pickle with torch's restricted unpickler
+def resolve_model_name(model_config: ModelConfig | str) -> None:
+    """Check a model name before any work (ConfigError, one line): unknown families and architectures."""
+    if isinstance(model_config, str):
+        model_config = ModelConfig(name=model_config)
+    resolver = getattr(FAMILIES.load(model_config.family), "resolve_name", None)
+    if resolver is not None:
+        resolver(model_config.name)
+
+
+def write_model_json(bundle: ModelBundle, folder: Path) -> None:
+    """The bundle's resolved config as folder/model.json (temporary file, then rename)."""
+    import os
+
+    body = {"format_version": 1, **bundle.config, "frozen": list(bundle.frozen)}
+    temporary = folder / (MODEL_CONFIG_FILE + ".tmp")
+    temporary.write_text(json.dumps(body, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(temporary, folder / MODEL_CONFIG_FILE)
+
+
+def read_model_json(folder: Path) -> dict | None:
+    path = Path(folder) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return None
     try:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True, device="cpu")
-    except ValueError as err:  # e.g. numpy refusing a pickled .npz/.npy (nothing ran): one line, not a traceback
-        raise CheckpointError(f"weights file '{path}' could not be loaded: {str(err).splitlines()[0][:200]}") \
-            from None
-    if initial_bias is not None and "logit_bias" not in read_weight_shapes(path, trust_pickle=True):
-        # open_clip fills a missing bias with 0; keep the objective's initial bias (SigLIP: -10) instead
-        with torch.no_grad():
-            model.logit_bias.copy_(initial_bias)
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"'{path}' is not readable JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("family"), str) or not isinstance(body.get("name"), str):
+        raise CheckpointError(f"'{path}' needs the string keys \"family\" and \"name\"")
+    return body
+
+
+def load_trained_weights(bundle: ModelBundle, weights: Path, device: str | torch.device = "cpu") -> None:
+    """Load a checkpoint's model.safetensors into `bundle.model`: shapes checked first, frozen parts (which
+    checkpoints do not copy) kept as the family built them, non-finite values refused."""
+    shapes = read_weight_shapes(weights)
+    model = bundle.model
+    expected = {k: v for k, v in model.state_dict().items() if not is_frozen_key(k, bundle.frozen)}
+    check_compatible(_ShapeView(expected), {k: v for k, v in shapes.items() if not is_frozen_key(k, bundle.frozen)},
+                     str(weights.parent if weights.name == "model.safetensors" else weights),
+                     bundle.config.get("name", "?"))
+    state = load_file(str(weights), device=str(device))
+    check_finite_weights(state, str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_frozen_key(k, bundle.frozen)]
+    if missing or unexpected:  # check_compatible lets optional keys through; anything else is a bug
+        raise CheckpointError(f"'{weights}' does not match the model: missing {missing[:1]}, unexpected "
+                              f"{unexpected[:1]}")
+
+
+class _ShapeView:
+    """What check_compatible needs of a model: a state_dict() (here, with the frozen parts left out)."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
 
 
 def find_model_weights(checkpoint: str | Path) -> Path:
@@ -166,25 +114,26 @@ def find_model_weights(checkpoint: str | Path) -> Path:
         return path / "model.safetensors"
     pointer_dir = path / "checkpoints"
     for pointer in ("latest.json", "best.json"):
-        pointer_file = pointer_dir / pointer
-        if pointer_file.is_file():
-            try:
-                step_dir = pointer_dir / json.loads(pointer_file.read_text(encoding="utf-8"))["path"]
-            except (ValueError, KeyError):
-                raise CheckpointError(f"'{pointer_file}' is not a valid checkpoint pointer") from None
-            if (step_dir / "model.safetensors").is_file():
-                return step_dir / "model.safetensors"
+        try:
+            step_dir = read_checkpoint_pointer(pointer_dir, pointer)  # never a folder outside the run
+        except PointerUnreadable as err:
+            raise CheckpointError(f"{err}: not a valid checkpoint pointer") from None
+        if step_dir is not None and (step_dir / "model.safetensors").is_file():
+            return step_dir / "model.safetensors"
     raise CheckpointError(f"no model weights found at '{path}' (expected a file, a checkpoint folder or a run "
                           f"folder with checkpoints/latest.json)")
 
 
-def _model_name_of_run(run_dir: Path) -> str | None:
+def _model_of_run(run_dir: Path) -> tuple[str, str] | None:
+    """(family, name) from a run folder's config.yaml."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         return None
     raw = read_yaml(config_file)  # safe loader, one-line ConfigError for tags, bad YAML, deep nesting
     model = raw.get("model")
-    return model.get("name") if isinstance(model, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("name", "clipforge-vit-tiny"), str):
+        return None
+    return str(model.get("family", "clip")), str(model.get("name", ModelConfig.name))
 
 
 def load_model(
@@ -193,21 +142,40 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_pickle: bool = False,
 ) -> tuple[nn.Module, object, object]:
-    """A model for evaluation: (model in eval mode, preprocess_val, tokenizer).
+    """A model for evaluation: (model in eval mode, preprocess_val, tokenizer or None).
 
     `checkpoint` is None (random init, or the tag in `name_or_config`'s pretrained), a weight file, a checkpoint
-    folder, or a run folder (its latest checkpoint; then `name_or_config` may be None: read from config.yaml).
+    folder, or a run folder (its latest checkpoint). A checkpoint folder's model.json says what to build; a
+    bare weight file (e.g. open_clip's own) needs `name_or_config`, an open_clip architecture.
     """
     weights = find_model_weights(checkpoint) if checkpoint is not None else None
+    saved = read_model_json(weights.parent) if weights is not None else None
+    if saved is not None:
+        if name_or_config is not None and name_or_config != saved["name"] and not _names_same_file(
+                name_or_config, saved["name"]):
+            raise ConfigError(f"checkpoint '{weights.parent}' holds a '{saved['name']}' model, not "
+                              f"'{name_or_config}'")
+        bundle = create_model(ModelConfig(family=saved["family"], name=saved["name"]), device=device, saved=saved)
+        load_trained_weights(bundle, weights, device)
+        return bundle.model.eval(), bundle.preprocess_val, bundle.tokenizer
+    family = "clip"
     if name_or_config is None:
         run_dir = Path(checkpoint) if checkpoint is not None else None
-        name_or_config = _model_name_of_run(run_dir) if run_dir is not None and run_dir.is_dir() else None
-        if name_or_config is None:
+        found = _model_of_run(run_dir) if run_dir is not None and run_dir.is_dir() else None
+        if found is None:
             raise ConfigError("load_model needs a model name or config when the checkpoint is not a run folder")
+        family, name_or_config = found
     model_kwargs = {}
     if weights is not None and "logit_bias" in read_weight_shapes(weights, trust_pickle):
-        model_kwargs["init_logit_bias"] = 0.0  # SigLIP-trained: the model needs the bias parameter to load it
-    config = ModelConfig(name=str(name_or_config), pretrained=str(weights) if weights else None,
+        # a bare open_clip weight file with no model.json: a SigLIP-trained model needs the bias parameter
+        model_kwargs["init_logit_bias"] = 0.0
+    config = ModelConfig(family=family, name=str(name_or_config), pretrained=str(weights) if weights else None,
                          trust_pickle=trust_pickle)
-    model, _, preprocess_val, tokenizer = create_model(config, device=device, model_kwargs=model_kwargs)
-    return model.eval(), preprocess_val, tokenizer
+    bundle = create_model(config, device=device, model_kwargs=model_kwargs)
+    check_finite_weights(bundle.model.state_dict(), str(weights or name_or_config))
+    return bundle.model.eval(), bundle.preprocess_val, bundle.tokenizer
+
+
+def _names_same_file(given: str, saved: str) -> bool:
+    """A model-config file path and the architecture name it registered (its stem) name the same model."""
+    return Path(given).suffix in (".json", ".yaml", ".yml") and Path(given).stem == saved

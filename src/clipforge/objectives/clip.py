@@ -2,7 +2,7 @@
 
 The temperature lives on the open_clip model as `logit_scale` = ln(1/tau), initialised at ln(1/0.07) by
 open_clip and clamped to [0, ln 100] after every optimiser step, as the CLIP paper does to keep the logits
-from being scaled by more than 100 (specs/clip_fineclip.md A2).
+from being scaled by more than 100 (Radford et al. 2021, section 2.5).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class ClipObjective(Objective):
             image_features, text_features, logit_scale,
             local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
         )
+        metrics["logit_scale"] = logit_scale.detach()
         return ObjectiveOutput(losses={"contrastive": loss}, metrics=metrics)
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 
 With `local_loss=True, gather_with_grad=True` (the default), each rank computes the loss for its own rows
 against every rank's columns and the gather sends gradients back to their owners, so W ranks x batch B
-give the same loss and gradients as 1 rank x batch W*B (specs/clip_fineclip.md A3).
+give the same loss and gradients as 1 rank x batch W*B (as open_clip's ClipLoss with gather_with_grad).
 
 Rows can be marked invalid (`valid=False`, e.g. padding regions so that every rank gathers the same
 shape): an invalid row contributes no loss, and an invalid column is never a negative. The loss is then
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipforge.engine.distributed import gather_no_grad, gather_with_grad, world_info
+from clipforge.distributed import gather_no_grad, gather_with_grad, world_info
 
 IGNORE = -100  # cross_entropy's ignore_index: rows that take no part in the loss
 

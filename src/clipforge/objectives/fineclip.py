@@ -19,6 +19,8 @@ Deliberate choices against the official code (docs/fineclip.md):
 
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import torch
@@ -27,7 +29,7 @@ from torch import nn
 
 from clipforge.config import FineclipObjectiveConfig
 from clipforge.data.batches import RegionBatch
-from clipforge.engine.distributed import gather_no_grad, world_info
+from clipforge.distributed import gather_no_grad, world_info
 from clipforge.errors import ConfigError
 from clipforge.models.dense import (
     crop_regions,
@@ -97,6 +99,7 @@ class FineclipObjective(Objective):
         # without the global term a trainable text tower gets no gradient on a step with no region anywhere;
         # DDP must then be told that parameters can go unused
         self.find_unused_parameters = self.config.w_global == 0 and not self.config.freeze_text
+        self._region_data_checked = False
         if model is not None:
             self.prepare_model(model)
 
@@ -107,7 +110,6 @@ class FineclipObjective(Objective):
             config.objective.fineclip,
             local_loss=config.objective.clip.local_loss,
             gather_with_grad=config.objective.clip.gather_with_grad,
-            model=model,
         )
 
     @property
@@ -165,6 +167,12 @@ class FineclipObjective(Objective):
         logit_scale = model.logit_scale.exp()
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}  # detached 0-d tensors, as contrastive_loss returns
+        if self.needs_regions and not self._region_data_checked:
+            self._region_data_checked = True
+            if not bool(batch.region_valid.any()):
+                warnings.warn("fineclip: the first batch holds no region boxes; on data without boxes "
+                              "(key.json \"regions\") the distillation and region terms train nothing and this "
+                              "is plain CLIP", stacklevel=2)
 
         if self.needs_regions:
             image_embedding, dense = self.encode_full_image(model, images)  # [B, D], [B, D, h, w]
@@ -229,6 +237,7 @@ class FineclipObjective(Objective):
                 region_loss = dense.sum() * 0.0
             losses["region"] = cfg.w_region * region_loss
 
+        metrics["logit_scale"] = logit_scale.detach()
         return ObjectiveOutput(losses=losses, metrics=metrics)
 
     @torch.no_grad()

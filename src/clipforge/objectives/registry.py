@@ -1,40 +1,29 @@
-"""Objectives by name (`config.objective.name`).
+"""Objectives by name (`config.objective.name`), through the lazy registry in `clipforge.registry`.
 
 Each entry points at an Objective subclass ("module:Class") that provides `from_config(config, model)` and,
-optionally, `model_kwargs(config)` for the open_clip model constructor (SigLIP's bias). Entries are imported
-lazily, so an objective's dependencies load only when it is used. A new method adds one line here.
+optionally, `model_kwargs(config)` for the model constructor (SigLIP's bias). A new method adds one line to
+`clipforge.registry.OBJECTIVES`, or calls `register_objective` from a plugin.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from torch import nn
 
-from clipforge.errors import ConfigError
 from clipforge.objectives.base import Objective
-
-OBJECTIVES: dict[str, str] = {
-    "clip": "clipforge.objectives.clip:ClipObjective",
-    "siglip": "clipforge.objectives.siglip:SiglipObjective",
-    "fineclip": "clipforge.objectives.fineclip:FineclipObjective",
-}
+from clipforge.registry import OBJECTIVES
 
 
-def register_objective(name: str, target: str) -> None:
+def register_objective(name: str, target: str | type) -> None:
     """Add an objective at run time, e.g. from a plugin: register_objective("mine", "pkg.mod:MyObjective")."""
-    OBJECTIVES[name] = target
+    OBJECTIVES.register(name, target)
 
 
 def objective_class(name: str) -> type[Objective]:
-    if name not in OBJECTIVES:
-        raise ConfigError(f"objective.name '{name}' is not registered (known: {', '.join(sorted(OBJECTIVES))})")
-    module_name, _, attribute = OBJECTIVES[name].partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    return OBJECTIVES.load(name)
 
 
 def objective_model_kwargs(config) -> dict:
-    """Extra open_clip model constructor arguments the configured objective needs."""
+    """Extra model constructor arguments the configured objective needs (e.g. SigLIP's bias)."""
     hook = getattr(objective_class(config.objective.name), "model_kwargs", None)
     return dict(hook(config)) if hook else {}
 

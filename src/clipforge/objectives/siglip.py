@@ -3,7 +3,7 @@
 For each image i and caption j, z_ij = +1 when they belong together and -1 otherwise, and
     L = -(1/B) sum_i sum_j log sigmoid(z_ij * (s * x_i . y_j + b))
 summed over this rank's B images against the captions of all ranks, normalised by the local batch B
-(specs/clip_fineclip.md A4). Starting values s = 10, b = -10 counter the many negatives per positive.
+(Zhai et al. 2023, SigLIP). Starting values s = 10, b = -10 counter the many negatives per positive.
 
 Distributed: captions are gathered from every rank with gradients (the simple form of the paper's
 negatives exchange). With DDP averaging gradients over W ranks, W x B equals 1 x W*B exactly, because the
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.data.batches import ImageTextBatch
-from clipforge.engine.distributed import gather_with_grad, world_info
+from clipforge.distributed import gather_with_grad, world_info
 from clipforge.errors import ConfigError
 from clipforge.objectives.base import Objective, ObjectiveOutput
 from clipforge.objectives.clip import clamp_logit_scale
@@ -60,7 +60,10 @@ class SiglipObjective(Objective):
     def forward(self, model: nn.Module, batch: ImageTextBatch) -> ObjectiveOutput:
         image_features = model.encode_image(batch.images, normalize=True)  # [B, D]
         text_features = model.encode_text(batch.texts, normalize=True)  # [B, D]
-        loss, metrics = sigmoid_loss(image_features, text_features, model.logit_scale.exp(), model.logit_bias)
+        logit_scale = model.logit_scale.exp()
+        loss, metrics = sigmoid_loss(image_features, text_features, logit_scale, model.logit_bias)
+        metrics["logit_scale"] = logit_scale.detach()
+        metrics["logit_bias"] = model.logit_bias.detach()
         return ObjectiveOutput(losses={"sigmoid": loss}, metrics=metrics)
 
     @torch.no_grad()
