@@ -134,3 +134,60 @@ def test_suite_task_gives_the_same_numbers():
     expected, _ = evaluate_regions(StubModel(), stub_tokenizer, dataset, TEMPLATES)
     assert output.metrics == expected
     assert output.metrics["region_acc1"] == 0.5 and output.metrics["region_count"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-square images: height and width never trade places (pooling, clipping, region evaluation)
+
+
+def painted_wide(cells: dict[tuple[int, int, int, int], int], width: int = 64, height: int = 32) -> Image.Image:
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    for (x0, y0, x1, y1), label in cells.items():
+        pixels[y0:y1, x0:x1] = (20 * (label + 1), 0, 0)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("image_size", [None, (64, 64)])  # its own 32 x 64, or squashed to a square
+def test_boxes_past_the_shorter_side_of_a_wide_image_are_clipped_to_its_height(image_size):
+    image = painted_wide({(0, 0, 16, 32): 0, (40, 0, 64, 32): 2})  # 64 wide, 32 tall: red left, green right
+    regions = [[
+        {"box": [48, 8, 64, 100], "caption": "a green star"},  # past the bottom: clipped to y 32, all green
+        {"box": [-10, 20, 70, 40], "caption": "a green star"},  # past every side: [0, 20, 64, 32], 3 green cols : 2 red
+        {"box": [0, 0, 40, 90], "caption": "a red circle"},  # [0, 0, 40, 32]: 2 red columns of 5, the rest blank
+        {"box": [0, 40, 16, 60], "caption": "a red circle"},  # wholly below the image: nothing left, skipped
+    ]]
+    dataset = EvalDataset(name="wide", images=[image], regions=regions, classnames=CLASSNAMES)
+    metrics, details = evaluate_regions(StubModel(), stub_tokenizer, dataset, TEMPLATES, image_size=image_size)
+    assert metrics["region_count"] == 3 and metrics["region_skipped"] == 1
+    assert metrics["region_acc1"] == 1.0 and details["support"] == [1, 0, 2, 0, 0, 0]
+
+
+def test_pool_regions_on_a_non_square_map_is_the_mean_of_the_covered_cells():
+    from clipforge.models.dense import enlarge_boxes
+
+    rows, cols = torch.meshgrid(torch.arange(2.0), torch.arange(4.0), indexing="ij")
+    dense = torch.stack([rows, cols, torch.ones(2, 4)])[None]  # [1, 3, h=2, w=4]: cell (r, c) holds (r, c, 1)
+    boxes = torch.tensor([[[16.0, 0, 48, 16], [0, 8, 16, 16]]])  # image 64 wide, 16 tall: cells 16 x 8 px
+    pooled = pool_regions(dense, boxes, torch.ones(1, 2, dtype=torch.bool), (16, 64), normalize=False)
+    torch.testing.assert_close(pooled[0], torch.tensor([[0.5, 1.5, 1.0], [1.0, 0.0, 1.0]]))
+    # enlarging clips x to the width and y to the height
+    enlarged = enlarge_boxes(torch.tensor([[40.0, 10, 60, 14]]), 2.0, (16, 64))
+    torch.testing.assert_close(enlarged, torch.tensor([[30.0, 8, 64, 16]]))
+
+
+def test_positional_embedding_for_a_non_square_grid_keeps_rows_as_rows():
+    from clipforge.models.dense import positional_embedding_for_grid
+
+    open_clip.add_model_config(Path(__file__).resolve().parent.parent / "src" / "clipforge" / "model_configs")
+    model = open_clip.create_model("clipforge-vit-micro").eval()
+    visual = model.visual  # 32 px, patch 8: a 4 x 4 grid
+    with torch.no_grad():
+        row_of_patch = torch.arange(16.0).div(4, rounding_mode="floor")  # patch i sits in row i // 4
+        visual.positional_embedding[1:] = row_of_patch[:, None].expand(-1, visual.positional_embedding.shape[1])
+    resized = positional_embedding_for_grid(visual, (4, 8))  # 4 rows, 8 columns
+    assert resized.shape == (1 + 32, visual.positional_embedding.shape[1])
+    expected = torch.arange(4.0).repeat_interleave(8)  # each of the 4 rows, 8 times
+    torch.testing.assert_close(resized[1:, 0], expected)
+    with torch.no_grad():
+        dense = encode_dense(model, torch.zeros(1, 3, 32, 64))
+    assert dense.shape == (1, 32, 4, 8)  # h = 32 / 8, w = 64 / 8

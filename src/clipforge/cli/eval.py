@@ -1,8 +1,9 @@
 """`clipforge eval RUN_DIR | --model NAME [--checkpoint PATH] [--dataset synth|PATH] [--tasks ...]`.
 
-Loads the model (a run's latest checkpoint, or any open_clip architecture with optional weights), builds the
-evaluation datasets, runs the suite with a progress bar per feature pass and task, prints a results table,
-and writes eval/*.json plus report.html into the run folder (or --out).
+A run folder is evaluated by `clipforge.eval.suite.evaluate_run` (its latest checkpoint, its eval settings and
+its own data, with the flags as overrides); `--model` by `evaluate_model`. Every flag is checked before any work.
+Draws a progress bar per feature pass and task, prints a results table, and writes eval/*.json plus report.html
+into the run folder (or --out).
 """
 
 from __future__ import annotations
@@ -43,12 +44,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="weights: a .safetensors file, a checkpoint folder or a run folder")
     parser.add_argument("--dataset", action="append", default=None, metavar="synth|PATH",
-                        help="dataset to evaluate on (repeatable; default: synth)")
+                        help="dataset to evaluate on (repeatable; default: a run's own (SynthScenes like its "
+                             "training data, or its data.val), else synth)")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                         help=f"tasks to run (default: the config's eval.tasks, each on the datasets that support "
                              f"it); choices: {', '.join(available_tasks())}")
     parser.add_argument("--classnames", default=None, metavar="FILE",
-                        help="class names, one per line in label order (overrides the dataset's)")
+                        help="class names, one per line in label order (overrides the dataset's; the "
+                             "dataset's own names in another order are matched by name)")
+    parser.add_argument("--csv-separator", default=None, metavar="CHAR",
+                        help="column separator of .csv/.tsv datasets (default: ',' for .csv, tab for .tsv; "
+                             "'tab' or '\\t' for a tab)")
     parser.add_argument("--templates", default=None, metavar="NAME|FILE",
                         help="prompt templates: synthscenes, openai_imagenet, or a file with one '{}' template "
                              "per line (default: the config's, else synthscenes)")
@@ -94,32 +100,78 @@ class ProgressView:
 
 
 def _resolve_device(name: str) -> str:
+    """'auto' -> cuda when there is one, else cpu; anything else must name a device this machine has."""
     import torch
 
     from clipforge.errors import ConfigError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA device is available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{name}' is not a device (auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {name} but MPS is not available")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device '{name}' is not a device (auto, cpu, cuda, cuda:N or mps)")
     return name
 
 
-def _settings(args):
-    """(EvalConfig, data settings dict, model name, checkpoint, out dir) from the run folder and the flags."""
+def _check_out_dir(out_dir: Path) -> None:
+    """The output folder must be a folder or creatable as one: no file on its path."""
+    from clipforge.errors import ConfigError
+
+    for path in [out_dir, *out_dir.parents]:
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"--out '{out_dir}': '{path}' is a file, not a folder")
+            return
+
+
+def _csv_separator(text: str | None) -> str | None:
+    from clipforge.errors import ConfigError
+
+    if text is None:
+        return None
+    separator = "\t" if text in ("\\t", "tab") else text
+    if len(separator) != 1:
+        raise ConfigError(f"--csv-separator must be one character (or 'tab'), got {text!r}")
+    return separator
+
+
+def _settings(args) -> dict:
+    """Everything the flags say, checked before any work: a one-line ConfigError/DataError for each mistake."""
     import dataclasses
 
-    from clipforge.config import EvalConfig, SynthConfig, load_config, validate
+    from clipforge.config import EvalConfig, load_config
     from clipforge.errors import ConfigError
+    from clipforge.eval.suite import run_dataset_specs
+    from clipforge.eval.tasks import get_task
+    from clipforge.eval.templates import load_classnames, load_templates
+    from clipforge.models.factory import find_model_weights
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is None and args.model is None:
         raise ConfigError("give a run folder or --model NAME (see 'clipforge eval --help')")
     if run_dir is not None and not run_dir.is_dir():
         raise ConfigError(f"run folder '{run_dir}' does not exist")
-    config = load_config(run_dir / "config.yaml") if run_dir and (run_dir / "config.yaml").is_file() else None
-    eval_config = dataclasses.replace(config.eval) if config else EvalConfig()
-    synth = config.data.synth if config else SynthConfig()
+    is_run = run_dir is not None and (run_dir / "config.yaml").is_file()
+    if is_run and args.model is not None:
+        raise ConfigError(f"--model cannot be used with the run folder '{run_dir}' (its config.yaml names the "
+                          f"model); pick other weights with --checkpoint")
+    if run_dir is not None and not is_run and args.model is None:
+        raise ConfigError(f"'{run_dir}' has no config.yaml; give --model NAME to evaluate the weights in it")
+    experiment = load_config(run_dir / "config.yaml") if is_run else None
+    if experiment is not None:
+        run_dataset_specs(run_dir, experiment.data, args.dataset)  # a run with nothing to evaluate on: say so now
+    eval_config = dataclasses.replace(experiment.eval) if experiment else EvalConfig()
     overrides = {"tasks": args.tasks, "templates": args.templates, "num_eval": args.num_eval,
                  "batch_size": args.batch_size, "fewshot_ways": args.ways, "fewshot_shots": args.shots,
                  "fewshot_episodes": args.episodes, "seed": args.seed}
@@ -127,45 +179,52 @@ def _settings(args):
     for key in ("num_eval", "batch_size", "fewshot_ways", "fewshot_episodes"):
         if getattr(eval_config, key) < 1:
             raise ConfigError(f"--{key.replace('fewshot_', '').replace('_', '-')} must be >= 1")
-    if config:
-        validate(dataclasses.replace(config, eval=eval_config), "command line")
-    elif any(s < 1 for s in eval_config.fewshot_shots):
+    if any(s < 1 for s in eval_config.fewshot_shots):
         raise ConfigError("--shots entries must be >= 1")
-    model_name = args.model or (config.model.name if config else None)
-    checkpoint = args.checkpoint or (str(run_dir) if run_dir else None)
+    if eval_config.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {eval_config.seed}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    for task in eval_config.tasks:
+        get_task(task)
+    load_templates(eval_config.templates)  # a bad template file fails now, not after the image passes
+    if args.classnames is not None:
+        load_classnames(args.classnames)
+    device = _resolve_device(args.device)
     out_dir = Path(args.out) if args.out else run_dir
     if out_dir is None:
-        out_dir = Path("runs") / f"eval-{Path(model_name).stem}"
-    return eval_config, synth, model_name, checkpoint, out_dir
+        out_dir = Path("runs") / f"eval-{Path(args.model).stem}"
+    _check_out_dir(out_dir)
+    checkpoint = args.checkpoint or (str(run_dir) if run_dir is not None else None)
+    weights = find_model_weights(checkpoint) if checkpoint is not None else None  # pointers are checked here
+    return {"run_dir": run_dir, "is_run": is_run, "config": eval_config, "device": device, "out_dir": out_dir,
+            "csv_separator": _csv_separator(args.csv_separator), "weights": weights}
 
 
 def run(args) -> int:
     from rich.console import Console
 
-    from clipforge.eval import load_eval_datasets, run_suite
-    from clipforge.eval.results import safe_name
-    from clipforge.models.factory import find_model_weights, load_model
+    from clipforge.eval.suite import evaluate_model, evaluate_run
 
     console = Console(stderr=True)
-    eval_config, synth, model_name, checkpoint, out_dir = _settings(args)
-    device = _resolve_device(args.device)
-    model, preprocess, tokenizer = load_model(model_name, checkpoint=checkpoint, device=device,
-                                              trust_pickle=args.trust_pickle)
-    weights = str(find_model_weights(checkpoint)) if checkpoint else ""
-    console.print(f"[bold]evaluating[/] {model_name}{' with ' + weights if weights else ' (random init)'} "
-                  f"on {device} -> {out_dir}", soft_wrap=True)
+    settings = _settings(args)
+    out_dir, device = settings["out_dir"], settings["device"]
+    subject = f"run {settings['run_dir']}" if settings["is_run"] else args.model
+    weights = settings["weights"]
+    console.print(f"[bold]evaluating[/] {subject} with {weights or 'random init'} on {device} -> {out_dir}",
+                  soft_wrap=True)
+    common = {"config": settings["config"], "out_dir": out_dir, "classnames_file": args.classnames,
+              "csv_separator": settings["csv_separator"], "device": device, "workers": args.workers,
+              "amp": args.amp, "strict": args.tasks is not None, "trust_pickle": args.trust_pickle}
 
     with ProgressView(console, not args.no_progress) as progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        datasets = []
-        for spec in args.dataset or ["synth"]:
-            datasets += load_eval_datasets(
-                spec, classnames_file=args.classnames, num_eval=eval_config.num_eval, image_size=synth.image_size,
-                seed=synth.seed, omit_fraction=synth.omit_fraction, progress=progress,
-            )
-        summary = run_suite(model, preprocess, tokenizer, eval_config, datasets, out_dir,
-                            model_name=safe_name(model_name), pretrained=weights, device=device,
-                            workers=args.workers, amp=args.amp, strict=args.tasks is not None, progress=progress)
+        if settings["is_run"]:
+            summary = evaluate_run(settings["run_dir"], checkpoint=weights, datasets=args.dataset,
+                                   progress=progress, **common)
+        else:
+            summary = evaluate_model(args.model, checkpoint=weights, datasets=args.dataset or ["synth"],
+                                     progress=progress, **common)
     for message in dict.fromkeys(str(w.message) for w in caught):  # each distinct warning once
         console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
     console.print(results_table(summary))
@@ -181,6 +240,13 @@ def run(args) -> int:
 
         console.print(f"report:  {write_report(out_dir)}")
     return 0
+
+
+def _format_ci(value) -> str:
+    """A 95% interval in percent, or n/a when there is none (a single episode)."""
+    if value is None or value != value:  # None or NaN
+        return "±n/a"
+    return f"±{100 * value:.1f}"
 
 
 def results_table(summary: dict):
@@ -202,7 +268,7 @@ def results_table(summary: dict):
             label = METRIC_LABELS.get(name, name)
             if task == "fewshot" and name.startswith("fewshot_acc1@"):
                 ci = record["metrics"].get(name.replace("acc1", "ci95"))
-                cells.append(f"{name.split('@')[1]} {100 * value:.1f}±{100 * (ci or 0):.1f}")
+                cells.append(f"{name.split('@')[1]} {100 * value:.1f}{_format_ci(ci)}")
             elif name == "C" or not isinstance(value, float) or abs(value) > 1:
                 cells.append(f"{label} {value:.3g}" if isinstance(value, float) else f"{label} {value}")
             elif "effective_robustness" in name:

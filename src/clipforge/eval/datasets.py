@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clipforge.data.samples import DEFAULT_MAX_PIXELS, to_rgb
+from clipforge.data.samples import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, image_size_problem, to_rgb
 from clipforge.errors import DataError
 from clipforge.eval.templates import check_classnames
 
@@ -36,9 +36,10 @@ def open_rgb(source, name: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:  # reads the header only
-                if image.width * image.height > DEFAULT_MAX_PIXELS:
-                    raise DataError(f"image {name} is {image.width}x{image.height} pixels, more than the "
-                                    f"{DEFAULT_MAX_PIXELS} allowed")
+                too_big = image_size_problem(image.width, image.height)  # the guard training uses
+                if too_big is not None:
+                    raise DataError(f"image {name} is {image.width}x{image.height} pixels ({too_big}: at most "
+                                    f"{DEFAULT_MAX_PIXELS} pixels and {MAX_ASPECT_RATIO}:1)")
                 image.load()
                 rgb, problem = to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -248,7 +249,7 @@ def synth_eval_datasets(
 
 
 def load_eval_datasets(
-    spec: str,
+    spec: str | Sequence[str],
     *,
     classnames_file: str | Path | None = None,
     num_eval: int = 1000,
@@ -257,11 +258,28 @@ def load_eval_datasets(
     omit_fraction: float = 0.3,
     csv_image_key: str = "filepath",
     csv_caption_key: str = "caption",
-    csv_separator: str = ",",
+    csv_separator: str | None = None,
     progress: ProgressFn | None = None,
 ) -> list[EvalDataset]:
-    """`synth` -> the SynthScenes sets; a `.csv` file; a folder of `.tar` shards, a `.tar` file or a brace/glob
-    pattern of shards; or an ImageFolder root (class subfolders, optionally under train/ and test/)."""
+    """`synth` -> the SynthScenes sets; a `.csv` / `.tsv` file; a folder of `.tar` shards, a `.tar` file or a
+    brace/glob pattern of shards; or an ImageFolder root (class subfolders, optionally under train/ and test/).
+
+    A list of specs gives all their datasets, each once, with names that are unique: two that would share a
+    name (e.g. `a/val.csv` and `b/val.csv`) are prefixed with their parent folder's name (`a-val`, `b-val`).
+    `csv_separator` None means `,` for .csv and a tab for .tsv.
+    """
+    specs = [spec] if isinstance(spec, str) else list(dict.fromkeys(spec))  # a spec given twice counts once
+    if not specs:
+        raise DataError("no evaluation dataset given")
+    loaded = [(item, _load_one(item, classnames_file=classnames_file, num_eval=num_eval, image_size=image_size,
+                               seed=seed, omit_fraction=omit_fraction, csv_image_key=csv_image_key,
+                               csv_caption_key=csv_caption_key, csv_separator=csv_separator, progress=progress))
+              for item in specs]
+    return _unique_names(loaded)
+
+
+def _load_one(spec: str, *, classnames_file, num_eval, image_size, seed, omit_fraction, csv_image_key,
+              csv_caption_key, csv_separator, progress) -> list[EvalDataset]:
     from clipforge.eval import file_datasets
 
     if spec == "synth":
@@ -270,15 +288,50 @@ def load_eval_datasets(
         return synth_eval_datasets(num_eval=num_eval, image_size=image_size, seed=seed,
                                    omit_fraction=omit_fraction, progress=progress)
     path = Path(spec)
-    if spec.endswith(".csv"):
+    if spec.lower().endswith((".csv", ".tsv")):
+        separator = csv_separator or ("\t" if spec.lower().endswith(".tsv") else ",")
         dataset = file_datasets.csv_dataset(path, image_key=csv_image_key, caption_key=csv_caption_key,
-                                            separator=csv_separator)
+                                            separator=separator)
     elif file_datasets.looks_like_shards(spec):
         dataset = file_datasets.webdataset_dataset(spec)
     elif path.is_dir():
         dataset = file_datasets.image_folder_dataset(path)
     else:
-        raise DataError(f"dataset '{spec}' does not exist (expected 'synth', a .csv file, shards or a folder)")
+        raise DataError(f"dataset '{spec}' does not exist (expected 'synth', a .csv or .tsv file, shards or a "
+                        f"folder)")
     if classnames_file is not None:
         file_datasets.apply_classnames_file(dataset, classnames_file)
     return [dataset]
+
+
+def rename_dataset(dataset: EvalDataset, name: str) -> None:
+    """Give `dataset` a new name; its training set and variants, named after it, follow."""
+    old = dataset.name
+    for part in [dataset.train, *dataset.variants.values()]:
+        if part is not None and part.name.startswith(old):
+            part.name = name + part.name[len(old):]
+    dataset.name = name
+
+
+def _unique_names(loaded: list[tuple[str, list[EvalDataset]]]) -> list[EvalDataset]:
+    """The datasets of every spec, renamed where two specs give one name; DataError when that is not enough."""
+    from clipforge.eval.results import safe_name
+
+    owners: dict[str, set[str]] = {}
+    for spec, datasets in loaded:
+        for dataset in datasets:
+            owners.setdefault(safe_name(dataset.name), set()).add(spec)
+    for spec, datasets in loaded:
+        for dataset in datasets:
+            if len(owners[safe_name(dataset.name)]) > 1:
+                parent = Path(spec).resolve().parent.name or "root"
+                rename_dataset(dataset, f"{parent}-{dataset.name}")
+    seen: dict[str, str] = {}
+    for spec, datasets in loaded:
+        for dataset in datasets:
+            key = safe_name(dataset.name)
+            if key in seen and seen[key] != spec:
+                raise DataError(f"datasets '{seen[key]}' and '{spec}' would both be named '{dataset.name}' (their "
+                                f"results would overwrite each other); rename one")
+            seen[key] = spec
+    return [dataset for _, datasets in loaded for dataset in datasets]

@@ -4,7 +4,7 @@ An episode draws N classes (among those with at least K + Q images), then K supp
 without replacement, so support and query never share an image. A multinomial logistic regression
 (L2, C = 1 by default, unit-norm features, the objective of sklearn's `LogisticRegression`) is fit on the
 support features and scored on the queries. The result is the mean query accuracy over episodes with a 95%
-confidence interval (1.96 x standard error). Episodes are drawn from `numpy.random.default_rng((seed, ways,
+confidence interval (1.96 x standard error; None, "not available", for a single episode). Episodes are drawn from `numpy.random.default_rng((seed, ways,
 shots))`: the same seed gives the same episodes, and each (ways, shots) setting has its own stream.
 
 All episodes of a setting are solved at once: their objectives are independent, so minimising their sum with
@@ -109,10 +109,11 @@ def fit_batched_logistic(
     return weight, bias
 
 
-def mean_and_ci95(values) -> tuple[float, float]:
+def mean_and_ci95(values) -> tuple[float, float | None]:
+    """(mean, 1.96 x standard error); the interval is None (not available) with fewer than two values."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
-        return float(values.mean()), math.nan
+        return float(values.mean()), None
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
 
 

@@ -13,6 +13,12 @@ evaluation accepts exactly what training accepts:
   come from the shards' manifest, the json `classname` fields or a `classnames.txt` beside the shards. A
   folder with `train/` and `test/` shard folders also gives a training set. Unreadable samples are skipped,
   counted in the dataset's `info["skipped"]` and reported with a warning.
+
+Every image is screened when listed with the guards training applies before decoding
+(clipforge.data.samples): a FIFO, device or folder named as an image, a file over the size cap, a header over
+the pixel limit or more elongated than MAX_ASPECT_RATIO is skipped, counted in `info["skipped"]` by kind and
+reported with a warning, never decoded (a 375-byte 100000x1 PNG would take gigabytes once resized). An image
+that fails to decode is still an error: an evaluation does not drop a corrupt image silently.
 """
 
 from __future__ import annotations
@@ -22,13 +28,35 @@ import warnings
 from pathlib import Path
 
 from clipforge.data.readers import read_csv, read_image_folder
-from clipforge.data.samples import IMAGE_EXTENSIONS, SkipCounter
+from clipforge.data.samples import IMAGE_EXTENSIONS, SkipCounter, image_file_problem, image_header_problem
 from clipforge.data.sources import detect_format, open_source
 from clipforge.errors import DataError
 from clipforge.eval.datasets import EncodedImages, EvalDataset, ImageFiles
 from clipforge.eval.templates import load_classnames
 
 TEST_SPLIT_NAMES = ("test", "val")
+# what the listing skips and counts; anything else wrong with an image is an error when it is decoded
+SCREENED_KINDS = ("missing_file", "not_a_regular_file", "file_too_large", "image_too_large", "image_too_elongated")
+
+
+def _screen_images(images: list, names: list[str], counter: SkipCounter) -> list[int]:
+    """Indices of the images (paths or encoded bytes) that pass the guards training applies before decoding;
+    the others are counted by kind (SCREENED_KINDS)."""
+    kept = []
+    for index, image in enumerate(images):
+        problem = image_file_problem(image) if isinstance(image, Path) else None
+        problem = problem or image_header_problem(image)
+        if problem in SCREENED_KINDS:
+            counter.skip(problem, names[index])
+        else:
+            kept.append(index)
+    return kept
+
+
+def _warn_skipped(name: str, skipped: dict[str, int], kept: int) -> None:
+    if skipped:
+        warnings.warn(f"{name}: skipped unreadable samples {skipped}; the results cover the {kept} "
+                      f"readable images", stacklevel=4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,9 +74,13 @@ def _folder_split(root: Path, name: str, classnames: list[str] | None = None) ->
             raise DataError(f"ImageFolder '{root}': class folder '{unknown[0]}' is not among the training classes")
         labels = [index[table.classnames[label]] for label in labels]
     paths = [Path(p) for p in table.image_paths]
+    counter = SkipCounter()
+    kept = _screen_images(paths, [str(p) for p in paths], counter)
+    paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
+    _warn_skipped(name, dict(counter), len(paths))
     return EvalDataset(name=name, images=ImageFiles(paths), keys=[str(p.relative_to(root)) for p in paths],
                        labels=labels, classnames=classnames or list(table.classnames),
-                       info={"source": "imagefolder", "root": str(root)})
+                       info={"source": "imagefolder", "root": str(root), "skipped": dict(counter)})
 
 
 def image_folder_dataset(root: str | Path, name: str | None = None) -> EvalDataset:
@@ -90,11 +122,16 @@ def csv_dataset(path: str | Path, image_key: str = "filepath", caption_key: str 
     if not order:
         raise DataError(f"{path}: no rows")
     paths = [Path(image) for image in order]
-    missing = [p for p in paths if not p.is_file()]
+    missing = [p for p in paths if not p.exists()]
     if missing:
         raise DataError(f"{path}: image '{missing[0]}' does not exist ({len(missing)} missing)")
+    counter = SkipCounter()
+    kept = _screen_images(paths, [str(p) for p in paths], counter)
+    paths, captions = [paths[i] for i in kept], [captions[i] for i in kept]
+    _warn_skipped(name or path.stem, dict(counter), len(paths))
     return EvalDataset(name=name or path.stem, images=ImageFiles(paths), keys=[p.name for p in paths],
-                       captions=captions if any(captions) else None, info={"source": "csv", "path": str(path)})
+                       captions=captions if any(captions) else None,
+                       info={"source": "csv", "path": str(path), "skipped": dict(counter)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,6 +170,8 @@ def _shard_split(spec: str, name: str, classnames_file: Path | None) -> EvalData
                 label = int(sample["cls"].decode("utf-8").strip())
         except (ValueError, UnicodeDecodeError):
             counter.skip("bad_annotation", sample["__key__"])
+            continue
+        if not _screen_images([sample[extension]], [sample["__key__"]], counter):
             continue
         blobs.append(sample[extension])
         keys.append(sample["__key__"])
@@ -184,14 +223,44 @@ def webdataset_dataset(spec: str, name: str | None = None) -> EvalDataset:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _name_key(name: str) -> str:
+    """How two spellings of one class name compare: case, `_` and runs of spaces do not matter."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def match_classnames(names: list[str], own: list[str], source: str, dataset_name: str) -> list[str]:
+    """`names` (from a file, meant in label order) checked against a dataset's own class names `own` (e.g. its
+    folder names, in label order). A permutation of `own` is put in label order by name (listing the folders
+    in another order would otherwise give chance-level zero-shot with no word); a list that names some of the
+    dataset's classes at other labels than theirs is refused; a list of new names (e.g. words for WordNet ids)
+    is taken in label order."""
+    if len(names) != len(own):
+        raise DataError(f"{source}: {len(names)} class names but dataset '{dataset_name}' has {len(own)} classes")
+    own_keys = [_name_key(name) for name in own]
+    given = {_name_key(name): name for name in names}
+    if set(given) == set(own_keys):
+        if list(given) != own_keys:
+            warnings.warn(f"{source}: the class names are the dataset's own in another order; they are matched to "
+                          f"'{dataset_name}''s labels by name", stacklevel=3)
+        return [given[key] for key in own_keys]
+    for position, name in enumerate(names):
+        key = _name_key(name)
+        if key in own_keys and own_keys.index(key) != position:
+            raise DataError(f"{source}: name {position + 1} {name!r} is class {own_keys.index(key) + 1} of dataset "
+                            f"'{dataset_name}' (its label order); list the names in label order, or exactly the "
+                            f"dataset's own names in any order")
+    return names
+
+
 def apply_classnames_file(dataset: EvalDataset, path: str | Path) -> None:
-    """Name a dataset's classes from a file (one per line, in label order), checking the count matches."""
+    """Name a dataset's classes from a file (one per line, in label order), checking the count matches; a
+    dataset that names its classes (ImageFolder folders, shard manifests) has them matched by name
+    (`match_classnames`)."""
     if dataset.labels is None:
         raise DataError(f"--classnames given but dataset '{dataset.name}' has no labels")
     names = load_classnames(path)
-    if dataset.classnames is not None and len(names) != len(dataset.classnames):
-        raise DataError(f"{path}: {len(names)} class names but dataset '{dataset.name}' has "
-                        f"{len(dataset.classnames)} classes")
+    if dataset.classnames is not None:
+        names = match_classnames(names, dataset.classnames, str(path), dataset.name)
     needed = max(dataset.labels) + 1
     if dataset.train is not None and dataset.train.labels:
         needed = max(needed, max(dataset.train.labels) + 1)

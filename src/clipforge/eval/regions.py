@@ -197,7 +197,8 @@ def _register() -> None:
 
     register_task(Task(name="regions", benchmark_task="region_classification", needs=("regions", "classnames"),
                        run=run_region_classification,
-                       description="box classification from dense region features (FineCLIP)"))
+                       description="box classification from dense region features (FineCLIP)",
+                       requires=("dense", "encode_text")))
 
 
 _register()

@@ -149,18 +149,25 @@ def _fewshot_cell(metrics: dict, tag: str) -> str:
             f'<span class="muted">{_format("ci95", metrics.get(f"fewshot_ci95@{tag}"))}</span>')
 
 
+def _row_label(record: dict, several_models: bool) -> str:
+    """The dataset, and the model when the folder holds results of more than one."""
+    label = _esc(record["dataset"])
+    return f'{label} <span class="muted">{_esc(record.get("model", "?"))}</span>' if several_models else label
+
+
 def _metrics_tables(results: list[dict]) -> str:
+    several = len({r.get("model") for r in results}) > 1
     parts = []
     for task, records in _by_task(results).items():
         if task == "fewshot":
             shots = sorted({k.split("@")[1] for r in records for k in r["metrics"] if k.startswith("fewshot_acc1@")},
                            key=lambda tag: int(tag.split("way")[1].rstrip("shot")))
-            rows = [[_esc(r["dataset"])] + [_fewshot_cell(r["metrics"], tag) for tag in shots] for r in records]
+            rows = [[_row_label(r, several)] + [_fewshot_cell(r["metrics"], tag) for tag in shots] for r in records]
             headers = ["dataset"] + [_esc(tag.replace("way", "-way ").replace("shot", "-shot")) for tag in shots]
         else:
             names = HEADLINE_METRICS.get(task) or sorted({k for r in records for k in r["metrics"]})
             names = [n for n in names if any(n in r["metrics"] for r in records)]
-            rows = [[_esc(r["dataset"])] + [_format(n, r["metrics"].get(n)) for n in names] for r in records]
+            rows = [[_row_label(r, several)] + [_format(n, r["metrics"].get(n)) for n in names] for r in records]
             headers = ["dataset"] + [_esc(METRIC_LABELS.get(n, n)) for n in names]
         title = TASK_TITLES.get(task, task.replace("_", " ").capitalize())
         benchmark = records[0].get("task", "")
@@ -267,8 +274,11 @@ def _overview(run_dir: Path, config: dict, summary: dict, results: list[dict], s
     cards = [("run folder", _esc(run_dir.resolve().name)), ("model", _esc(model))]
     if config.get("objective"):
         cards.append(("objective", _esc(config["objective"].get("name", "?"))))
-    if results and results[0].get("pretrained"):
-        cards.append(("weights", _esc(Path(results[0]["pretrained"]).name or results[0]["pretrained"])))
+    weights = sorted({r.get("pretrained") or "" for r in results})
+    if len(weights) > 1:
+        cards.append(("weights", _esc(f"{len(weights)} models or checkpoints (named per row)")))
+    elif weights and weights[0]:
+        cards.append(("weights", _esc(Path(weights[0]).name or weights[0])))
     for key in SUMMARY_KEYS:
         value = summary.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -287,6 +297,11 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run folder '{run_dir}' does not exist")
+    path = Path(output) if output is not None else run_dir / REPORT_FILE
+    if path.is_dir():
+        raise DataError(f"report output '{path}' is a folder; give a file name (e.g. {path / REPORT_FILE})")
+    if not path.parent.is_dir():
+        raise DataError(f"cannot write the report to '{path}': folder '{path.parent}' does not exist")
     config = _read_config(run_dir / "config.yaml")
     summary = _read_json(run_dir / "summary.json")
     suite = _read_json(run_dir / "eval_suite.json")
@@ -321,7 +336,6 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
             f"content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title><style>{CSS}</style>"
             f"</head><body><header><h1>{_esc(title)}</h1><div class=\"muted\">generated {created} by clipforge "
             f"{__version__} · self-contained, works offline</div></header><main>{''.join(body)}</main></body></html>")
-    path = Path(output) if output is not None else run_dir / REPORT_FILE
     path.write_text(page, encoding="utf-8")
     return path
 

@@ -94,6 +94,25 @@ def write_examples(examples: dict, record: dict, eval_dir: str | Path) -> Path:
     return write_json(examples, Path(eval_dir) / EXAMPLES_DIR / name)
 
 
+def remove_stale_results(eval_dir: str | Path, model: str, pretrained: str | None) -> list[str]:
+    """Delete the result files (and their examples) of `model` that other weights than `pretrained` wrote, so
+    a folder never shows one checkpoint's numbers under another's name. Returns the removed file names."""
+    eval_dir = Path(eval_dir)
+    removed = []
+    for path in sorted(eval_dir.glob(f"{safe_name(model)}__*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a result file of ours: leave it
+        if not isinstance(record, dict) or record.get("model") != model:
+            continue
+        if (record.get("pretrained") or "") != (pretrained or ""):
+            path.unlink()
+            (eval_dir / EXAMPLES_DIR / path.name).unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def read_results(eval_dir: str | Path) -> list[dict]:
     """Every result file in `eval_dir` (sorted by name); metric nulls become NaN."""
     records = []

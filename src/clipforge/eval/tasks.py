@@ -1,14 +1,17 @@
 """The task registry: each evaluation task declares what a dataset must provide and how to run on it.
 
 A task is a name, the CLIP_benchmark task name its result file carries, the dataset fields it needs
-(`labels`, `classnames`, `captions`, `train`, `variants`, `regions`) and a `run(context, dataset)` function.
+(`labels`, `classnames`, `captions`, `train`, `variants`, `regions`), the model capabilities it needs
+(`requires`, from clipforge.eval.capabilities: `encode_image`, `encode_text`, `dense`, `codes`, `generate`) and a
+`run(context, dataset)` function. A model without a required capability skips the task with the reason.
 Tasks never encode images themselves: they ask the `TaskContext`, which computes each dataset's features once
 and shares them (and the zero-shot classifier and the linear probe) across tasks.
 
 Adding a task (e.g. region classification, clipforge.eval.regions):
 
     register_task(Task(name="regions", benchmark_task="region_classification", needs=("regions", "classnames"),
-                       run=run_region_classification, description="box classification from dense features"))
+                       run=run_region_classification, description="box classification from dense features",
+                       requires=("dense", "encode_text")))
 
 Modules listed in OPTIONAL_TASK_MODULES are imported on first use of the registry, so a new task module only
 needs its one `register_task` call.
@@ -27,6 +30,7 @@ from PIL import Image
 
 from clipforge.config import EvalConfig
 from clipforge.errors import ConfigError
+from clipforge.eval.capabilities import missing_capabilities
 from clipforge.eval.datasets import EvalDataset
 from clipforge.eval.features import FeatureStore
 from clipforge.eval.fewshot import DEFAULT_QUERIES, evaluate_fewshot, fewshot_queries
@@ -44,7 +48,7 @@ from clipforge.eval.zeroshot import (
     LOGIT_SCALE,
     classifier_from_prompt_features,
     evaluate_zeroshot,
-    zeroshot_prompts,
+    tokenize_prompts,
 )
 
 OPTIONAL_TASK_MODULES = ("clipforge.eval.regions",)  # FineCLIP's region classification registers itself
@@ -84,8 +88,8 @@ class TaskContext:
     def zeroshot_classifier(self, classnames: list[str]) -> torch.Tensor:
         """[D, C] template-ensembled class weights (one text pass per class list)."""
         def compute():
-            prompts = zeroshot_prompts(classnames, self.templates)
-            prompt_features = self.features.text_features(prompts, stage="text features (prompts)")
+            prompts, tokens = tokenize_prompts(self.features.tokenizer, classnames, self.templates)
+            prompt_features = self.features.text_features(prompts, stage="text features (prompts)", tokens=tokens)
             return classifier_from_prompt_features(prompt_features, len(classnames))
         return self.shared(("zeroshot_classifier", tuple(classnames)), compute)
 
@@ -108,9 +112,16 @@ class Task:
     run: Callable[[TaskContext, EvalDataset], TaskOutput]
     description: str = ""
     check: Callable[[EvalDataset, EvalConfig], str | None] | None = None  # extra applicability test
+    requires: tuple[str, ...] = ("encode_image", "encode_text")  # model capabilities (clipforge.eval.capabilities)
 
-    def missing(self, dataset: EvalDataset, config: EvalConfig) -> str | None:
-        """Why this task cannot run on `dataset` (None when it can)."""
+    def missing(self, dataset: EvalDataset, config: EvalConfig, capabilities: frozenset[str] | None = None,
+                note: str = "") -> str | None:
+        """Why this task cannot run on `dataset` with a model of `capabilities` (None when it can); `note` is
+        added to a missing-capability reason."""
+        if capabilities is not None:
+            reason = missing_capabilities(self.requires, capabilities, note)
+            if reason is not None:
+                return reason
         for need in self.needs:
             value = getattr(dataset, need, None)
             if not value:
@@ -205,6 +216,18 @@ def run_linear_probe(context: TaskContext, dataset: EvalDataset) -> TaskOutput:
     return TaskOutput(dict(result.metrics), settings, dict(result.details), uses_classnames=True)
 
 
+def _check_linear_probe(dataset: EvalDataset, config: EvalConfig) -> str | None:
+    """The probe needs two training classes and a class with two images (to hold out a validation split)."""
+    counts = torch.bincount(torch.as_tensor(dataset.train.labels, dtype=torch.long))
+    classes = int((counts > 0).sum())
+    if classes < 2:
+        return f"needs training images of at least two classes and '{dataset.train.name}' has {classes}"
+    if int(counts.max()) < 2:
+        return (f"needs two training images of some class to hold out a validation split and "
+                f"'{dataset.train.name}' has one per class")
+    return None
+
+
 def _check_fewshot(dataset: EvalDataset, config: EvalConfig) -> str | None:
     if dataset.num_classes < config.fewshot_ways:
         return (f"needs {config.fewshot_ways} classes ({config.fewshot_ways}-way) and dataset '{dataset.name}' "
@@ -253,13 +276,17 @@ def run_robustness(context: TaskContext, dataset: EvalDataset) -> TaskOutput:
     return TaskOutput(metrics, settings, details, uses_classnames=True, uses_templates=True)
 
 
+IMAGE_AND_TEXT = ("encode_image", "encode_text")
 register_task(Task("zeroshot", "zeroshot_classification", ("labels", "classnames"), run_zeroshot,
-                   "zero-shot classification from class-name prompts"))
+                   "zero-shot classification from class-name prompts", requires=IMAGE_AND_TEXT))
 register_task(Task("retrieval", "zeroshot_retrieval", ("captions",), run_retrieval,
-                   "image<->text retrieval, recall@k"))
+                   "image<->text retrieval, recall@k", requires=IMAGE_AND_TEXT))
 register_task(Task("linear_probe", "linear_probe", ("labels", "train"), run_linear_probe,
-                   "logistic regression on frozen features, C swept on a validation split"))
+                   "logistic regression on frozen features, C swept on a validation split",
+                   check=_check_linear_probe, requires=("encode_image",)))
 register_task(Task("fewshot", "fewshot_classification", ("labels",), run_fewshot,
-                   "N-way K-shot episodes, logistic regression on the support set", check=_check_fewshot))
+                   "N-way K-shot episodes, logistic regression on the support set", check=_check_fewshot,
+                   requires=("encode_image",)))
 register_task(Task("robustness", "robustness", ("labels", "classnames", "train", "variants"), run_robustness,
-                   "zero-shot accuracy under distribution shift, effective robustness"))
+                   "zero-shot accuracy under distribution shift, effective robustness",
+                   check=_check_linear_probe, requires=IMAGE_AND_TEXT))

@@ -7,7 +7,8 @@ starting with `#` are skipped. Two sets ship with clipforge (src/clipforge/asset
 - `openai_imagenet`: the 80 ImageNet prompts of the CLIP paper (open_clip's OPENAI_IMAGENET_TEMPLATES);
 - `synthscenes`: prompts phrased like SynthScenes captions.
 
-Class-name files hold one name per line, in label order. Every problem (a missing placeholder, an empty or
+Class-name files hold one name per line, in label order. Files are read as UTF-8; a byte-order mark (what
+some Windows editors write first) is dropped, not made part of the first name. Every problem (a missing placeholder, an empty or
 duplicated class name) raises a one-line DataError naming the file and line: a typo in a prompt file would
 otherwise silently change every zero-shot number.
 """
@@ -32,7 +33,7 @@ def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
     if not path.is_file():
         raise DataError(f"{what} file '{path}' does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError:
         raise DataError(f"{what} file '{path}' is not UTF-8 text") from None
     lines = []
@@ -99,7 +100,7 @@ def load_classnames(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"class-name file '{path}' does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not text
     except UnicodeDecodeError:
         raise DataError(f"class-name file '{path}' is not UTF-8 text") from None
     while lines and not lines[-1].strip():

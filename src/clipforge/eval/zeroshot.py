@@ -5,6 +5,10 @@ weight is the mean over templates, re-normalised: w_c = mean_k e_ck / |mean_k e_
 features x, logits = 100 * x @ W. Metrics use CLIP_benchmark's names and definitions:
 `acc1`, `acc5` (NaN when there are fewer than 5 classes) and `mean_per_class_recall` (balanced accuracy:
 the mean over classes that have images of the fraction of their images predicted correctly).
+
+Prompts are checked after tokenization (`tokenize_prompts`): a template or class name that the tokenizer
+truncates or merges so that two classes get the same tokens is refused (those classes would be inseparable and
+the accuracy silently near chance); prompts cut at the tokenizer's context length give a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from clipforge.errors import DataError
 from clipforge.eval.features import compute_text_features
 from clipforge.eval.templates import check_classnames, check_templates, render
 
@@ -26,6 +31,48 @@ def zeroshot_prompts(classnames: list[str], templates: list[str]) -> list[str]:
     check_classnames(classnames)
     check_templates(templates)
     return [render(template, name) for name in classnames for template in templates]
+
+
+def _truncated_rows(tokenizer, tokens: torch.Tensor, prompts: list[str]) -> list[int]:
+    """Rows of `tokens` [P, L] whose prompt did not fit a tokenizer with a fixed `context_length` L. A row that
+    fills the last position is a candidate (padding is 0 in open_clip's and most tokenizers); open_clip's BPE
+    tokenizer confirms it with its own token count. Otherwise, when every row is full, the padding is not 0 and
+    nothing can be told."""
+    context = tokens.shape[1]
+    if getattr(tokenizer, "context_length", None) != context:  # not a fixed-context tokenizer we can read
+        return []
+    full = torch.nonzero(tokens[:, -1] != 0).flatten().tolist()
+    if callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "sot_token_id"):
+        return [row for row in full if len(tokenizer.encode(prompts[row])) + 2 > context]  # + start and end
+    return full if len(full) < len(prompts) else []
+
+
+def tokenize_prompts(tokenizer, classnames: list[str], templates: list[str]) -> tuple[list[str], object]:
+    """(prompts, tokens) of every class x template (class-major), tokenized in one call and checked: DataError
+    when one template gives two classes the same tokens (truncation or merging), a warning when prompts are
+    truncated. Tokens that are not an [P, L] tensor are passed through unchecked."""
+    prompts = zeroshot_prompts(classnames, templates)
+    tokens = tokenizer(prompts)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(prompts):
+        return prompts, tokens
+    per_template = tokens.reshape(len(classnames), len(templates), -1).transpose(0, 1)  # [T, C, L]
+    for index, rows in enumerate(per_template):
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if len(unique) < len(classnames):
+            first_of: dict[int, int] = {}
+            for c, group in enumerate(inverse.tolist()):
+                if group in first_of:
+                    a, b = classnames[first_of[group]], classnames[c]
+                    raise DataError(f"template {index + 1} {templates[index][:60]!r} gives classes {a!r} and {b!r} "
+                                    f"identical tokens (the tokenizer truncates or merges their prompts at "
+                                    f"{tokens.shape[1]} tokens); shorten the template or rename the classes")
+                first_of[group] = c
+    truncated = _truncated_rows(tokenizer, tokens, prompts)
+    if truncated:
+        warnings.warn(f"{len(truncated)} of {len(prompts)} zero-shot prompts are longer than the tokenizer's "
+                      f"{tokens.shape[1]} tokens and were truncated (e.g. {prompts[truncated[0]][:80]!r})",
+                      stacklevel=2)
+    return prompts, tokens
 
 
 def classifier_from_prompt_features(prompt_features: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -40,8 +87,9 @@ def build_zeroshot_classifier(
     device: torch.device | None = None, amp: bool = False,
 ) -> torch.Tensor:
     """[D, C] zero-shot class weights for `classnames` with the template ensemble `templates`."""
-    prompts = zeroshot_prompts(classnames, templates)
-    features = compute_text_features(model, tokenizer, prompts, batch_size=batch_size, device=device, amp=amp)
+    prompts, tokens = tokenize_prompts(tokenizer, classnames, templates)
+    features = compute_text_features(model, tokenizer, prompts, batch_size=batch_size, device=device, amp=amp,
+                                     tokens=tokens)
     return classifier_from_prompt_features(features, len(classnames))
 
 
