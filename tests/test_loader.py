@@ -299,6 +299,6 @@ def test_prepare_data_errors_are_one_line(tmp_path):
     write_shards(_records(5), tmp_path / "small", shard_size=5)
     with pytest.raises(DataError, match=r"batch_size \(8\) is larger than the training set"):
         prepare_data(config_for(str(tmp_path / "small")))
-    with pytest.raises(DataError, match="larger than the dataset"):
+    with pytest.raises(DataError, match=r"batch_size \(4\) x 2 ranks is larger than the training set"):
         build_loader(open_source(str(tmp_path / "small")), config_for(str(tmp_path / "small"), 4),
                      preprocess=PREPROCESS_VAL, tokenizer=tokenizer, world_size=2)

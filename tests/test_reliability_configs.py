@@ -172,7 +172,11 @@ def _out_of_range(leaf: Leaf) -> list[tuple[str, Any, str]]:
         values.append(("below", cast(lo - 1) if base is int else cast(lo) - 0.5, f"must be >= {lo}"
                        if not lo_open else f"must be > {lo}"))
     if hi is not None:
-        values.append(("above", cast(hi + 1) if base is int else cast(hi) + 0.5, f"must be <= {hi}"))
+        hi_open = leaf.meta.get("hi_open")
+        bound = f"must be < {hi}" if hi_open else f"must be <= {hi}"
+        if hi_open:
+            values.append(("at_upper_bound", cast(hi), bound))
+        values.append(("above", cast(hi + 1) if base is int else cast(hi) + 0.5, bound))
     return values
 
 

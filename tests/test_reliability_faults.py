@@ -150,13 +150,13 @@ elif where == "latest":  # the new step folder is in place, latest.json not yet 
             pause(str(path))
         original_write(path, payload)
     checkpointing._write_json_atomic = write_json
-elif where == "data":  # while a sample is being decoded
-    import clipforge.data.pipeline as pipeline
-    original_decode = pipeline.decode_sample
+elif where == "data":  # while a sample is being decoded (by its batch type)
+    import clipforge.data.batches as batches
+    original_decode = batches.decode_sample
     def decode_sample(*args, **kwargs):
         pause()
         return original_decode(*args, **kwargs)
-    pipeline.decode_sample = decode_sample
+    batches.decode_sample = decode_sample
 elif where == "step":  # after a step's forward, before its backward
     from clipforge.objectives.clip import ClipObjective
     original_forward = ClipObjective.forward

@@ -360,12 +360,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _safe_load_unique(text: str):
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        raw = _safe_load_unique(path.read_text(encoding="utf-8"))
     except DuplicateKeyError as err:
         raise ConfigError(f"{path}: key '{err.key}' appears twice in one section (line {err.line}); "
                           f"keep one") from None

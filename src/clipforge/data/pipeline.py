@@ -100,6 +100,9 @@ def prepare_data(config, progress: Callable[[int], None] | None = None, world_si
     # path leaves no run folder behind
     train = None if train_synth else _open_configured(config, "train", data.train)
     val = None if val_synth or data.val is None else _open_configured(config, "val", data.val)
+    if train_synth:  # before any shard is written: a batch larger than the set to generate fails now
+        check_batch_size(data.synth.num_train, data.batch_size, world_size, "synth",
+                         f"data.synth.num_train={data.synth.num_train}")
     if train_synth or val_synth:
         is_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not is_dist or torch.distributed.get_rank() == 0:

@@ -281,12 +281,11 @@ def _build(run: Run) -> None:
             run.module, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=objective.find_unused_parameters,
         )
+    # configured data is checked before anything is written; rank 0 generates SynthScenes shards when asked
+    run.sources = _data_api().prepare_data(config, world_size=info.world_size)
     if info.is_main:  # every check passed: the run folder may be created now, and is ours alone
         make_output_dir(run.run_dir)
         run.lock = RunLock(run.run_dir).acquire()
-    dist_utils.barrier()
-    data = _data_api()
-    run.sources = data.prepare_data(config, world_size=info.world_size)  # rank 0 generates SynthScenes shards
     no_decay = frozenset({f"model.{name}" for name in run.bundle.no_weight_decay}
                          | {f"objective.{name}" for name in objective.no_weight_decay})
     run.phases = build_phase_optimizers(run.module, objective.phases(model), config.train, no_decay)

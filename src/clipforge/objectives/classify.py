@@ -19,6 +19,9 @@ class ClassifyObjective(Objective):
     name = "classify"
     families = ("toy",)
 
+    def prepare_model(self, model: nn.Module) -> None:
+        model.decoder.requires_grad_(False)  # classification never uses the decoder: nothing to train there
+
     def forward(self, model: nn.Module, batch: LabelledImageBatch) -> ObjectiveOutput:
         logits = model.classify(batch.images)  # [B, C]
         loss = F.cross_entropy(logits, batch.labels, ignore_index=-1)

@@ -41,6 +41,9 @@ class ToyGanObjective(Objective):
         )
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))  # objective state in checkpoints
 
+    def prepare_model(self, model: nn.Module) -> None:
+        model.head.requires_grad_(False)  # the class head plays no part in reconstruction
+
     def phases(self, model: nn.Module) -> list[Phase]:
         return [Phase(MAIN_PHASE),
                 Phase("discriminator", parameters=list(self.discriminator.parameters()), lr=DISC_LR,
@@ -56,6 +59,6 @@ class ToyGanObjective(Objective):
                                    metrics={"real_score": real.detach().mean(), "fake_score": fake.detach().mean()})
         self.steps_seen += 1
         losses = {"l1": (reconstruction - batch.images).abs().mean()}
-        if int(self.steps_seen) > DISC_START:  # the discriminator has been trained at least once
+        if int(self.steps_seen) > DISC_START + 1:  # the discriminator has been trained at least once
             losses["adversarial"] = ADVERSARIAL_WEIGHT * F.softplus(-self.discriminator(reconstruction)).mean()
         return ObjectiveOutput(losses=losses)
