@@ -355,7 +355,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str | int | float | bool) and key in seen:
-                raise DuplicateKeyError(_show(key), key_node.start_mark.line + 1)
+                raise DuplicateKeyError(str(key)[:60], key_node.start_mark.line + 1)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -49,8 +49,8 @@ METRIC_LABELS = {
     "effective_robustness": "effective robustness (mean)", "lp_val_acc1": "val acc1 (chosen C)",
 }
 
-SUMMARY_KEYS = ("steps", "epochs", "samples_seen", "train_time_s", "samples_per_s", "final_loss", "final_logit_scale",
-                "parameters")
+SUMMARY_KEYS = ("steps", "epochs", "samples_seen", "train_time_s", "samples_per_s", "final_loss", "parameters")
+FINAL_METRIC_CARDS = ("logit_scale", "logit_bias", "accuracy")  # objective scalars worth a card, when recorded
 
 _EXTRA_SECTIONS: dict[str, Callable[[list[dict]], str | None]] = {}
 
@@ -279,8 +279,10 @@ def _overview(run_dir: Path, config: dict, summary: dict, results: list[dict], s
         cards.append(("weights", _esc(f"{len(weights)} models or checkpoints (named per row)")))
     elif weights and weights[0]:
         cards.append(("weights", _esc(Path(weights[0]).name or weights[0])))
-    for key in SUMMARY_KEYS:
-        value = summary.get(key)
+    final_metrics = summary.get("final_metrics") or {}
+    shown = [(key, summary.get(key)) for key in SUMMARY_KEYS] + \
+        [(f"final_{key}", final_metrics.get(key)) for key in FINAL_METRIC_CARDS]
+    for key, value in shown:
         if isinstance(value, int | float) and not isinstance(value, bool):
             cards.append((key.replace("_", " "), _esc(f"{value:.4g}" if isinstance(value, float) else f"{value:,}")))
     timing = suite.get("timing") or {}
