@@ -31,9 +31,10 @@ def add_parser(subparsers) -> None:
 
 # The demo trains both models for the same number of steps, fewer than the full configs (320 steps), so that
 # the whole job, two trainings and two evaluations, stays under 10 minutes on a 2-core CPU.
-DEMO_SIZE = ["train.max_steps=100", "train.warmup_steps=20", "eval.num_eval=400", "eval.fewshot_episodes=50",
+# eval.at_end=false: the demo evaluates in its own step, with the command a user would type
+DEMO_SIZE = ["eval.at_end=false", "train.max_steps=100", "train.warmup_steps=20", "eval.num_eval=400", "eval.fewshot_episodes=50",
              "eval.tasks=[zeroshot,retrieval,linear_probe,fewshot,robustness,regions]"]
-QUICK_SIZE = ["train.max_steps=8", "train.warmup_steps=2", "data.synth.num_train=512", "data.synth.num_val=128",
+QUICK_SIZE = ["eval.at_end=false", "train.max_steps=8", "train.warmup_steps=2", "data.synth.num_train=512", "data.synth.num_val=128",
               "data.batch_size=64", "eval.num_eval=200", "eval.fewshot_episodes=10",
               "eval.tasks=[zeroshot,retrieval,linear_probe,fewshot,robustness,regions]"]
 
