@@ -35,20 +35,8 @@ GOLDEN_CPU = "AVX512"  # bit-for-bit holds on the CPU kernels the values were re
 
 
 @pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from clipforge.data.generate import generate_synth_shards
-
-    folder = tmp_path_factory.mktemp("shards")
-    generate_synth_shards(folder, num=64, split="train", image_size=32, shard_size=32)
-    return folder
+def shards(tiny_shards) -> Path:
+    return tiny_shards
 
 
 def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -32,11 +32,8 @@ STEPS, KILL_AT = 6, 3  # 8 batches per epoch: the kill lands mid-epoch, after th
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
+def single_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def combinations() -> list[tuple[str, str]]:
@@ -49,13 +46,9 @@ def combinations() -> list[tuple[str, str]]:
     return pairs
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from clipforge.data.generate import generate_synth_shards
-
-    folder = tmp_path_factory.mktemp("shards")
-    generate_synth_shards(folder, num=64, split="train", image_size=32, shard_size=32)
-    return folder
+@pytest.fixture
+def shards(tiny_shards) -> Path:
+    return tiny_shards
 
 
 def write_config(folder: Path, shards: Path, name: str, objective: str, family: str) -> Path:

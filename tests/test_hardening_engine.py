@@ -17,20 +17,13 @@ from clipforge.errors import CheckpointError, ConfigError, DataError
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from clipforge.data.generate import generate_synth_shards
-
-    folder = tmp_path_factory.mktemp("shards")
-    generate_synth_shards(folder, num=64, split="train", image_size=32, shard_size=32)
-    return folder
+@pytest.fixture
+def shards(tiny_shards) -> Path:
+    return tiny_shards
 
 
 def write_config(folder: Path, shards: Path, name: str = "run", **train) -> Path:
