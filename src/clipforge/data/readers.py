@@ -9,13 +9,19 @@ carries `__path__` and the decoder reads it, so replaying a stream on resume cos
   Relative image paths are resolved against the CSV file's folder. Captions that are not valid UTF-8
   are passed on as their raw bytes, so the decoder counts them as `caption_not_utf8`.
 - ImageFolder: `root/<class name>/<image>`; classes sorted by folder name give the labels 0..C-1; the
-  classname is the folder name with '_' read as a space, and it also serves as the caption.
+  classname is the folder name with '_' read as a space, and it also serves as the caption. Images in
+  subfolders of a class folder belong to it, and symlinked folders are followed, as torchvision's ImageFolder
+  does; each real folder is entered once per class, so a symlink loop ends. Every entry with an image
+  extension is listed, so a FIFO or a dangling link named `x.png` is counted when read
+  (`not_a_regular_file`, `missing_file`), not dropped silently.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +60,8 @@ def read_csv(path: str | Path, image_key: str = "filepath", caption_key: str = "
              separator: str = ",") -> CsvTable:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"CSV file '{path}' does not exist")
+        problem = "is not a regular file" if path.exists() else "does not exist"
+        raise DataError(f"CSV file '{path}' {problem}")
     if separator in ("\\t", "tab"):  # accept the spellings people type on a command line
         separator = "\t"
     # surrogateescape keeps undecodable bytes so that one bad caption is counted, not fatal for the file
@@ -108,6 +115,33 @@ class ImageFolderTable:
         }
 
 
+def image_files_under(folder: str | Path) -> Iterator[Path]:
+    """Entries with an image extension under `folder`, at any depth, following symlinked folders; each real
+    folder (device, inode) is entered once, so a symlink loop ends. In no particular order (sort them)."""
+    suffixes = {f".{ext}" for ext in IMAGE_EXTENSIONS}
+    entered: set[tuple[int, int]] = set()
+    pending = [Path(folder)]
+    while pending:
+        directory = pending.pop()
+        try:
+            info = directory.stat()
+            if (info.st_dev, info.st_ino) in entered:
+                continue
+            entered.add((info.st_dev, info.st_ino))
+            entries = list(os.scandir(directory))
+        except OSError:  # unreadable, or gone since it was listed
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows a symlink
+            except OSError:
+                is_dir = False
+            if is_dir:
+                pending.append(directory / entry.name)
+            elif os.path.splitext(entry.name)[1].lower() in suffixes:
+                yield directory / entry.name
+
+
 def read_image_folder(root: str | Path) -> ImageFolderTable:
     root = Path(root)
     if not root.is_dir():
@@ -115,14 +149,12 @@ def read_image_folder(root: str | Path) -> ImageFolderTable:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"ImageFolder root '{root}' has no class folders")
-    suffixes = {f".{ext}" for ext in IMAGE_EXTENSIONS}
     classnames, image_paths, labels = [], [], []
     for label, class_dir in enumerate(class_dirs):
         classnames.append(class_dir.name.replace("_", " "))
-        for file in sorted(class_dir.rglob("*")):
-            if file.is_file() and file.suffix.lower() in suffixes:
-                image_paths.append(str(file))
-                labels.append(label)
+        for file in sorted(image_files_under(class_dir)):
+            image_paths.append(str(file))
+            labels.append(label)
     if not image_paths:
         raise DataError(f"ImageFolder root '{root}' has class folders but no images")
     return ImageFolderTable(str(root), classnames, image_paths, labels)

@@ -8,7 +8,9 @@ Kinds of bad input and what happens (`SkipCounter` counts each by kind):
 
 | kind | effect |
 | --- | --- |
-| missing_image, zero_byte_image, corrupt_image, truncated_image, image_too_large, unsupported_mode, missing_file | sample skipped |
+| missing_image, zero_byte_image, corrupt_image, truncated_image, image_too_large, unsupported_mode | sample skipped |
+| image_too_elongated (one side more than MAX_ASPECT_RATIO times the other) | sample skipped |
+| missing_file, not_a_regular_file (FIFO, device, socket, folder), file_too_large (> DEFAULT_MAX_FILE_BYTES) | sample skipped |
 | missing_caption, empty_caption, caption_not_utf8, malformed_json, bad_label | sample skipped |
 | box_malformed, box_nan, box_negative (x1 < x0 or y1 < y0), box_zero_area, box_outside | that region dropped, sample kept |
 | region_no_caption | that region dropped, sample kept |
@@ -21,8 +23,16 @@ Alpha is composited on white; 16-bit images are scaled to 8 bits (value / 257).
 With `strict=True` every kind that drops data (a sample or a region) raises DataError instead;
 conversions and clipped boxes are repairs and are only counted.
 
-Decompression bombs: the header size is checked against `max_pixels` before any pixel is decoded,
-and Pillow's own DecompressionBombWarning/Error are turned into `image_too_large` too.
+Decompression bombs: the header size is checked by `image_size_problem` (pixel count against
+`max_pixels`, and the aspect ratio) before any pixel is decoded, and Pillow's own
+DecompressionBombWarning/Error are turned into `image_too_large` too. The aspect ratio is bounded because
+the pixel count alone is not enough: a 375-byte 100000x1 PNG passes any pixel limit, and open_clip's
+preprocess (resize the shorter side to the model input) would blow it up to gigabytes.
+Evaluation uses the same guard (clipforge.eval).
+
+Image files named by a CSV row or found in an ImageFolder are read by `read_image_file`: a FIFO, a device
+(/dev/zero), a socket or a folder is refused before a byte is read (a FIFO would block training forever,
+/dev/zero would fill the memory), and a file larger than DEFAULT_MAX_FILE_BYTES is refused from its size.
 """
 
 from __future__ import annotations
@@ -30,9 +40,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -40,6 +51,8 @@ from PIL import Image, UnidentifiedImageError
 from clipforge.errors import DataError
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels
+MAX_ASPECT_RATIO = 50  # longer side / shorter side; panoramas are ~4:1, a 100000x1 strip is an attack
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024  # an image file larger than this is refused from its size, unread
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
 REPAIR_KINDS_PREFIX = ("converted_", "box_clipped")  # counted, never fatal
 
@@ -100,6 +113,74 @@ class Sample:
 _FORMAT_BY_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"RIFF", "WEBP"))
 
 
+def image_size_problem(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """The guard every decode passes (training and evaluation), from the header size alone:
+    'corrupt_image' (an empty side), 'image_too_large' (more than `max_pixels`), 'image_too_elongated'
+    (one side more than MAX_ASPECT_RATIO times the other), or None when the image may be decoded."""
+    if width <= 0 or height <= 0:
+        return "corrupt_image"
+    if width * height > max_pixels:
+        return "image_too_large"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return "image_too_elongated"
+    return None
+
+
+def image_file_problem(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str | None:
+    """Why the file at `path` is not to be read as an image, from its status alone (symlinks followed):
+    'missing_file', 'not_a_regular_file' (FIFO, device, socket, folder) or 'file_too_large'; else None."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return "missing_file"
+    if not stat.S_ISREG(info.st_mode):
+        return "not_a_regular_file"
+    if info.st_size > max_bytes:
+        return "file_too_large"
+    return None
+
+
+def read_image_file(path: str | os.PathLike,
+                    max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None) or (None, the kind from `image_file_problem`).
+
+    The file is opened non-blocking and checked again on the open descriptor, so a FIFO swapped in after the
+    first check cannot block; at most `max_bytes` are read, whatever the file claims."""
+    problem = image_file_problem(path, max_bytes)
+    if problem is not None:
+        return None, problem
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError:
+        return None, "missing_file"
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not_a_regular_file"
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError:
+            return None, "missing_file"
+    if len(data) > max_bytes:  # it grew since it was checked
+        return None, "file_too_large"
+    return data, None
+
+
+def image_header_problem(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """`image_size_problem` for an image not decoded yet (a path, a file object or bytes), from its header
+    only; 'corrupt_image' when no header can be read. Evaluation screens its images with this."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:  # reads the header only
+                return image_size_problem(*image.size, max_pixels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image_too_large"
+    except Exception:  # Pillow plugins raise many types for hostile files
+        return "corrupt_image"
+
+
 def _open_image(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str | None]:
     """(image decoded and loaded, None) or (None, kind of failure)."""
     if len(data) == 0:
@@ -110,9 +191,9 @@ def _open_image(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str |
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
-            width, height = image.size
-            if width * height > max_pixels:
-                return None, "image_too_large"
+            problem = image_size_problem(*image.size, max_pixels)
+            if problem is not None:
+                return None, problem
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "image_too_large"
@@ -123,8 +204,6 @@ def _open_image(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str |
         truncated = "truncated" in text or "unexpected end" in text or isinstance(err, EOFError)
         return None, "truncated_image" if truncated else "corrupt_image"
     except Exception:  # Pillow plugins raise a zoo of types for hostile files
-        return None, "corrupt_image"
-    if width <= 0 or height <= 0:
         return None, "corrupt_image"
     return image, None
 
@@ -270,10 +349,9 @@ def decode_sample(
     classname = raw.get("classname") or meta.get("classname")
 
     if "__path__" in raw:
-        try:
-            data = Path(raw["__path__"]).read_bytes()
-        except OSError:
-            counter.skip("missing_file", f"{where}: {raw['__path__']}")
+        data, problem = read_image_file(raw["__path__"])
+        if data is None:
+            counter.skip(problem, f"{where}: {raw['__path__']}")
             return None
     else:
         _, data = _image_member(raw)

@@ -12,7 +12,7 @@ without scanning.
 The reader uses only the standard library's `tarfile`. It never extracts to disk, refuses member names
 that are absolute or contain `..`, and treats a truncated or unreadable shard as a counted problem
 (`shard_truncated`, `shard_unreadable`), not a crash. webdataset's own reader is not used because its
-tar grouping changed behaviour across versions (specs/ecosystem.md §4; open_clip#935).
+tar grouping changed behaviour across versions (webdataset's tar grouping; open_clip#935).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -106,7 +107,12 @@ def write_shards(
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataError(f"cannot write shards into '{out}': it exists and is not a folder") from None
+    except OSError as err:  # a parent that is a file, no permission, a read-only disk
+        raise DataError(f"cannot write shards into '{out}': {err.strerror or type(err).__name__}") from None
     shards: list[ShardInfo] = []
     names: list[str] = []
     tar = tmp_path = None
@@ -126,7 +132,10 @@ def write_shards(
             if tar is None:
                 names.append(f"{prefix}-{len(names):06d}.tar")
                 tmp_path = out / f".{names[-1]}.{os.getpid()}.tmp"
-                tar = tarfile.open(tmp_path, "w", format=tarfile.PAX_FORMAT)
+                try:
+                    tar = tarfile.open(tmp_path, "w", format=tarfile.PAX_FORMAT)
+                except OSError as err:  # e.g. a read-only folder
+                    raise DataError(f"cannot write shards into '{out}': {err.strerror or type(err).__name__}") from None
                 in_shard = 0
             for ext in sorted(k for k in record if not k.startswith("__")):
                 _add_member(tar, f"{key}.{ext}", _member_bytes(ext, record[ext]))
@@ -164,9 +173,19 @@ def write_shards(
     return manifest
 
 
+def _is_regular_file(path: str | Path) -> bool:
+    """Only regular files are opened: a FIFO named `x.tar` or `manifest.json` would block the reader forever."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def read_manifest(folder: str | Path) -> dict | None:
     """The manifest of a shard folder, or None if there is none or it is unreadable."""
     path = Path(folder) / MANIFEST_NAME
+    if not _is_regular_file(path):
+        return None
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -221,17 +240,31 @@ def iter_tar_samples(url: str, counter, start: int = 0, stop: int | None = None)
     Samples before `start` are walked over by their headers only (their data is not read), which is
     how a resumed or split stream skips ahead cheaply. Problems are reported to `counter.skip(kind,
     where)`: `shard_unreadable`, `shard_truncated` (the partial sample at the break is dropped),
-    `unsafe_member`, `member_no_extension`, `member_too_large`, `duplicate_key`.
+    `unsafe_member`, `member_no_extension`, `member_too_large`, `duplicate_key`, `duplicate_member`.
+
+    A problem is reported only by the reader whose range [start, stop) holds the sample it belongs to (a
+    stray member belongs to the sample before it; what comes before the first sample, and an archive that
+    cannot be opened, to the reader that starts at 0). A shard split over several workers or ranks thus
+    reports each problem once, not once per reader that walks past it.
     """
     index = -1  # index of the sample being read
     current_key = None
     current: dict | None = None
     seen: set[str] = set()
     duplicate = False
+
+    def in_range() -> bool:  # does the sample being read (index) belong to this reader?
+        return max(index, 0) >= start
+
+    if not _is_regular_file(url):  # missing, a folder, a FIFO, a device: never opened
+        if in_range():
+            counter.skip("shard_unreadable", f"{url}: not a regular file")
+        return
     try:
         tar = tarfile.open(url, mode="r:*")
     except (OSError, tarfile.TarError, EOFError) as err:
-        counter.skip("shard_unreadable", f"{url}: {type(err).__name__}")
+        if in_range():
+            counter.skip("shard_unreadable", f"{url}: {type(err).__name__}")
         return
     try:
         with tar:
@@ -239,21 +272,25 @@ def iter_tar_samples(url: str, counter, start: int = 0, stop: int | None = None)
                 try:
                     member = tar.next()
                 except (tarfile.TarError, EOFError, OSError) as err:
-                    counter.skip("shard_truncated", f"{url} after sample {index}: {type(err).__name__}")
+                    if in_range():
+                        counter.skip("shard_truncated", f"{url} after sample {index}: {type(err).__name__}")
                     return
                 if member is None:
                     if not _ends_cleanly(tar):  # tarfile takes a cut at a header for the end: we do not
-                        counter.skip("shard_truncated", f"{url}: no end-of-archive marker after sample {index}")
+                        if in_range():
+                            counter.skip("shard_truncated", f"{url}: no end-of-archive marker after sample {index}")
                         return
                     break
                 if member.isdir():
                     continue
                 if _unsafe_name(member.name) or not member.isfile():
-                    counter.skip("unsafe_member", f"{url}: {member.name!r}")
+                    if in_range():
+                        counter.skip("unsafe_member", f"{url}: {member.name!r}")
                     continue
                 parts = split_member_name(member.name)
                 if parts is None:
-                    counter.skip("member_no_extension", f"{url}: {member.name!r}")
+                    if in_range():
+                        counter.skip("member_no_extension", f"{url}: {member.name!r}")
                     continue
                 key, ext = parts
                 if key != current_key:
@@ -265,7 +302,8 @@ def iter_tar_samples(url: str, counter, start: int = 0, stop: int | None = None)
                     if stop is not None and index >= stop:
                         return
                     if duplicate:
-                        counter.skip("duplicate_key", f"{url}: {key!r} appears twice")
+                        if in_range():
+                            counter.skip("duplicate_key", f"{url}: {key!r} appears twice")
                     elif index >= start:
                         current = {"__key__": key, "__url__": url, "__index__": index}
                 if current is None:  # skipping ahead, or a duplicate: headers only
@@ -285,13 +323,16 @@ def iter_tar_samples(url: str, counter, start: int = 0, stop: int | None = None)
             if current is not None and not duplicate:
                 yield current
     except (tarfile.TarError, EOFError, OSError) as err:  # pragma: no cover - defensive
-        counter.skip("shard_truncated", f"{url}: {type(err).__name__}")
+        if in_range():
+            counter.skip("shard_truncated", f"{url}: {type(err).__name__}")
 
 
 def count_tar_samples(url: str) -> int | None:
     """Number of samples (key groups) in a shard, from its headers; None if it cannot be opened at all.
     A shard broken part-way counts what is readable."""
     count, last = 0, None
+    if not _is_regular_file(url):
+        return None
     try:
         tar = tarfile.open(url, mode="r:*")
     except (OSError, tarfile.TarError, EOFError):
@@ -330,6 +371,8 @@ def _folder_counts(folder: Path) -> dict[str, int]:
     body = read_manifest(folder)
     if body is not None:
         return {s["name"]: int(s["num_samples"]) for s in body.get("shards", [])}
+    if not _is_regular_file(folder / SIZES_NAME):
+        return {}
     try:
         sizes = json.loads((folder / SIZES_NAME).read_text(encoding="utf-8"))
         return {str(k): int(v) for k, v in sizes.items()}
