@@ -218,3 +218,33 @@ def test_an_objective_registered_at_run_time_is_a_valid_config_name(monkeypatch)
         load_config(overrides=["objective.name=mine"])
     monkeypatch.setitem(OBJECTIVES, "mine", "clipforge.objectives.clip:ClipObjective")
     assert load_config(overrides=["objective.name=mine"]).objective.name == "mine"
+
+
+def test_recorded_losses_and_metrics_are_means_over_ranks(tmp_path, shards, one_thread, monkeypatch):
+    """A second rank that reports zeros halves every recorded number; a name only one rank reports keeps its
+    value (ranks may differ, e.g. a batch with no regions)."""
+    import clipforge.engine.loop as loop
+    from clipforge.engine.loop import train
+
+    body = {"name": "r", "output_dir": str(tmp_path / "r"),
+            "data": {"train": str(shards), "batch_size": 16, "shuffle_buffer": 32},
+            "model": {"name": "clipforge-vit-micro"},
+            "train": {"max_steps": 2, "warmup_steps": 1, "log_every": 1, "tensorboard": False}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(body))
+    alone = train(load_config(path)).summary["final_metrics"]
+    gather = loop.dist_utils.all_gather_objects
+
+    def with_a_zero_rank(obj):
+        if isinstance(obj, dict) and obj and all(isinstance(v, float) for v in obj.values()):
+            other = {k: 0.0 for k in obj if k != "logit_scale"}  # the other rank: zeros, and no logit_scale
+            return [obj, other]
+        return gather(obj)
+
+    monkeypatch.setattr(loop.dist_utils, "all_gather_objects", with_a_zero_rank)
+    two = train(load_config(path, ["output_dir=" + str(tmp_path / "r2")]))
+    records = [json.loads(line) for line in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["i2t_acc"] == pytest.approx(alone["i2t_acc"] / 2)
+    assert records[-1]["loss/contrastive"] == pytest.approx(alone["loss/contrastive"] / 2)
+    assert records[-1]["logit_scale"] == pytest.approx(alone["logit_scale"])  # reported by one rank only
+    assert two.summary["final_loss"] == pytest.approx(records[-1]["loss"])
