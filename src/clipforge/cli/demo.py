@@ -46,13 +46,15 @@ def _steps(out: Path, configs: Path, skip_fineclip: bool, quick: bool) -> list[t
                                   "--shard-size", "256"]),
         ("inspect SynthScenes", ["data", "inspect", str(out / "synthscenes"),
                                  "--out", str(out / "synthscenes" / "contact_sheet.png")]),
-        ("train CLIP", ["train", str(configs / "clip_synth_tiny.yaml"), f"output_dir={out / 'clip'}", *size]),
+        # --overwrite: running the demo again starts its runs over (a run folder is otherwise kept safe)
+        ("train CLIP", ["train", str(configs / "clip_synth_tiny.yaml"), f"output_dir={out / 'clip'}", *size,
+                        "--overwrite"]),
         ("evaluate CLIP", ["eval", str(out / "clip")]),
     ]
     if not skip_fineclip:
         steps += [
             ("train FineCLIP", ["train", str(configs / "fineclip_synth_tiny.yaml"), f"output_dir={out / 'fineclip'}",
-                                *size]),
+                                *size, "--overwrite"]),
             ("evaluate FineCLIP", ["eval", str(out / "fineclip")]),
         ]
     return steps
