@@ -211,7 +211,9 @@ def run(args) -> int:
     out_dir, device = settings["out_dir"], settings["device"]
     subject = f"run {settings['run_dir']}" if settings["is_run"] else args.model
     weights = settings["weights"]
-    console.print(f"[bold]evaluating[/] {subject} with {weights or 'random init'} on {device} -> {out_dir}",
+    # a --model folder is a transformers CLIP folder, which carries its weights
+    own = "its own weights" if args.model is not None and Path(args.model).is_dir() else "random init"
+    console.print(f"[bold]evaluating[/] {subject} with {weights or own} on {device} -> {out_dir}",
                   soft_wrap=True)
     common = {"config": settings["config"], "out_dir": out_dir, "classnames_file": args.classnames,
               "csv_separator": settings["csv_separator"], "device": device, "workers": args.workers,

@@ -2,9 +2,10 @@
 
 Our small architectures (src/clipforge/model_configs/*.json) are registered with open_clip when this module
 is imported, so `open_clip.create_model("clipforge-vit-tiny")` works anywhere after `import clipforge.models`.
-`model.name` is an open_clip architecture name, a path to a JSON or YAML file in open_clip's format, or an
-`hf-hub:` id (online). The resolved architecture is embedded in the bundle's config (model.json), so a
-checkpoint loads back without the file it was first built from.
+`model.name` is an open_clip architecture name, a path to a JSON or YAML file in open_clip's format, an
+`hf-hub:` id (online, open_clip's own hub layout), or a transformers `CLIPModel` folder or hub id (converted to
+open_clip's CLIP by clipforge.models.hf). The resolved architecture is embedded in the bundle's config
+(model.json), so a checkpoint loads back without the file or folder it was first built from.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _register_config_file(path: Path) -> str:
 
 
 def resolve_model_name(name_or_path: str) -> str:
-    """An open_clip architecture name for `name_or_path` (a registered name, a config file, or a hub id)."""
+    """An open_clip architecture name for `name_or_path` (a registered name, a config file, a hub id, or a
+    transformers CLIP folder or hub id, whose converted architecture is registered under the name returned)."""
     if name_or_path.startswith(("hf-hub:", "local-dir:")):
         return name_or_path
     path = Path(name_or_path)
@@ -65,6 +67,12 @@ def resolve_model_name(name_or_path: str) -> str:
             raise ConfigError(f"model config file '{path}' does not exist")
         return _register_config_file(path)
     known = open_clip.list_models()
+    if name_or_path not in known and name_or_path.replace("/", "-") in known:  # OpenAI's spelling, not a hub id
+        raise ConfigError(f"model.name '{name_or_path}' is not an open_clip architecture; did you mean "
+                          f"'{name_or_path.replace('/', '-')}'?")
+    imported = _open_transformers(name_or_path, check_weights=False) if name_or_path not in known else None
+    if imported is not None:
+        return imported.name
     if name_or_path not in known:
         nearest = difflib.get_close_matches(name_or_path, known, n=1)
         hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
@@ -87,6 +95,18 @@ def _quiet_open_clip():
         yield
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+def _open_transformers(name_or_path: str, trust_pickle: bool = False, check_weights: bool = True):
+    """The transformers CLIP model `name_or_path` names (a folder, or an `org/name` hub id), checked and its
+    converted architecture registered with open_clip; None when it names none."""
+    from clipforge.models.hf.folder import is_transformers_source, open_transformers_clip
+
+    if name_or_path.startswith(("hf-hub:", "local-dir:")) or not is_transformers_source(name_or_path):
+        return None
+    imported = open_transformers_clip(name_or_path, trust_pickle=trust_pickle, check_weights=check_weights)
+    _register_architecture(imported.name, imported.architecture)
+    return imported
 
 
 def _is_pretrained_tag(model_name: str, pretrained: str) -> bool:
@@ -118,10 +138,14 @@ def build_clip(
     The model is in fp32 (mixed precision is autocast in the loop) and in train mode. `saved` is a model.json
     written by an earlier build: its embedded architecture is registered first, under its name.
     """
+    imported = None  # a transformers CLIP folder, converted
     if saved is not None and saved.get("architecture"):
         _register_architecture(saved["name"], saved["architecture"])
         model_kwargs = {**saved.get("model_kwargs", {}), **(model_kwargs or {})}
         name = saved["name"]
+    elif (imported := _open_transformers(model_config.name, model_config.trust_pickle)) is not None:
+        model_kwargs = {**imported.model_kwargs, **(model_kwargs or {})}  # its preprocessing
+        name = imported.name
     else:
         name = resolve_model_name(model_config.name)
     model_kwargs = dict(model_kwargs or {})
@@ -143,6 +167,10 @@ def build_clip(
         if weight_file is not None:
             check_compatible(model, shapes, str(weight_file), name)
             _load_weight_file(model, weight_file)
+        elif imported is not None:
+            from clipforge.models.hf.folder import load_transformers_weights
+
+            load_transformers_weights(model, imported)
 
     if model_config.lock_image:  # LiT: a frozen image tower, only text (and temperature) learn
         model.lock_image_tower(unlocked_groups=0)
@@ -153,6 +181,9 @@ def build_clip(
     tokenizer = open_clip.get_tokenizer(name)  # bundled BPE vocabulary; context length from the config
     architecture = None if name.startswith("hf-hub:") else open_clip.get_model_config(name)
     config = {"family": "clip", "name": name, "model_kwargs": model_kwargs, "architecture": architecture}
+    source = imported.source if imported is not None else (saved or {}).get("source")
+    if source is not None:  # the transformers folder or hub id model.name gave, as the run's config names it
+        config["source"] = source
     no_decay = frozenset(n for n, _ in model.named_parameters() if n in NO_WEIGHT_DECAY)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, config=config, no_weight_decay=no_decay)
 

@@ -151,8 +151,8 @@ def load_model(
     weights = find_model_weights(checkpoint) if checkpoint is not None else None
     saved = read_model_json(weights.parent) if weights is not None else None
     if saved is not None:
-        if name_or_config is not None and name_or_config != saved["name"] and not _names_same_file(
-                name_or_config, saved["name"]):
+        if name_or_config is not None and name_or_config not in (saved["name"], saved.get("source")) and \
+                not _names_same_file(name_or_config, saved["name"]):
             raise ConfigError(f"checkpoint '{weights.parent}' holds a '{saved['name']}' model, not "
                               f"'{name_or_config}'")
         bundle = create_model(ModelConfig(family=saved["family"], name=saved["name"]), device=device, saved=saved)
