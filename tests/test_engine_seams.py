@@ -179,7 +179,13 @@ def test_two_ranks_with_dropout_resume_each_with_its_own_rng_state(tmp_path, sha
 
 
 def test_every_batch_type_keeps_skipped_and_position_when_moved():
-    from clipforge.data.batches import IGNORE_INDEX, DocumentBatch, ImageTextBatch, LabelledImageBatch, RegionBatch
+    from clipforge.data.batches import (
+        IGNORE_INDEX,
+        DocumentBatch,
+        ImageTextBatch,
+        LabelledImageBatch,
+        RegionBatch,
+    )
 
     common = {"skipped": {"truncated_image": 2}, "position": {"worker": 0, "index": 3}}
     batches = [

@@ -86,9 +86,11 @@ def check_batch_size(num_samples: int, batch_size: int, world_size: int, spec: s
                         f"({size or f'{num_samples} samples'}): no full batch per epoch")
 
 
-def prepare_data(config, progress: Callable[[int], None] | None = None, world_size: int = 1) -> DataSources:
+def prepare_data(config, progress: Callable[[int], None] | None = None, world_size: int = 1,
+                 decode: Callable | None = None) -> DataSources:
     """Resolve data.train / data.val into DataSources; generate SynthScenes shards into run_dir/data/{train,val}
-    when data.train is 'synth' (skipped when an identical set is already there).
+    when data.train is 'synth' (skipped when an identical set is already there). The data scan decodes with
+    `decode` (the batch type's, e.g. `objective.batch_type.decode`; default: scan_source's).
 
     Under torch.distributed, rank 0 generates and the others wait. Raises DataError (one line) for a
     missing path, an empty dataset, or a batch size larger than the training set.
@@ -118,7 +120,7 @@ def prepare_data(config, progress: Callable[[int], None] | None = None, world_si
         val = open_source(str(_synth_folder(config, "val")), "wds")
     size = f"{train.num_samples} samples"
     if data.scan:
-        train = scan_source(train, strict=data.strict)
+        train = scan_source(train, strict=data.strict, decode=decode)
         if train.scan.usable == 0:
             raise DataError(f"data.train: no usable samples in '{train.spec}' (all {train.num_samples} were "
                             f"skipped: {train.scan.skipped})")

@@ -4,8 +4,8 @@ The loader plans an epoch from sample counts (streams.py). Listed counts (manife
 headers, CSV rows) include samples that turn out unusable when decoded: a corrupt image, a missing
 caption, a cut shard. When those outnumber the spare samples the plan holds, a worker runs short and
 wraps around, and a few good samples repeat. A scan removes the guesswork: it decodes every sample once
-with the loader's own validation (`decode_sample`), keeps the storage index of each usable one, and the
-source then plans with *usable* counts and reads exactly those samples:
+with the loader's own validation (the batch type's `decode`; `decode_sample` by default), keeps the storage
+index of each usable one, and the source then plans with *usable* counts and reads exactly those samples:
 
     source = scan_source(open_source("shards/"))       # data.scan: true does this in prepare_data
     source.unit_sizes()                                  # usable samples per unit
@@ -20,6 +20,7 @@ that an epoch's length comes from the listed counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -56,28 +57,35 @@ class ScanIndex:
         return start, end
 
 
-def _scan_units(source, units, max_pixels: int, strict: bool) -> tuple[dict[int, list[int]], dict]:
+def _decode_with_regions(record: dict, counter: SkipCounter, max_pixels: int):
+    return decode_sample(record, counter, max_pixels, with_regions=True)
+
+
+def _scan_units(source, units, max_pixels: int, strict: bool, decode) -> tuple[dict[int, list[int]], dict]:
     counter = SkipCounter(strict=strict)
     usable: dict[int, list[int]] = {}
     sizes = source.unit_sizes()
     for unit in units:
         good = []
         for record in source.read_unit(unit, 0, int(sizes[unit]), counter):
-            if decode_sample(record, counter, max_pixels, with_regions=True) is not None:
+            if decode(record, counter, max_pixels) is not None:
                 good.append(int(record["__index__"]))
         usable[unit] = good
     return usable, dict(counter)
 
 
-def scan_source(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False):
+def scan_source(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
+                decode: Callable | None = None):
     """A copy of `source` that plans and reads its usable samples only (see the module docstring).
+    `decode(record, counter, max_pixels)` is the batch type's (default: `decode_sample` with regions).
     With `strict` (data.strict) the first bad sample raises DataError."""
     if source.scan is not None:
         return source
     num_units = len(source.unit_sizes())
     is_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_dist else (0, 1)
-    usable, skipped = _scan_units(source, range(rank, num_units, world), max_pixels, strict)
+    usable, skipped = _scan_units(source, range(rank, num_units, world), max_pixels, strict,
+                                  decode or _decode_with_regions)
     if is_dist:
         parts: list = [None] * world
         torch.distributed.all_gather_object(parts, (usable, skipped))

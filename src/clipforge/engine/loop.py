@@ -40,7 +40,6 @@ from torch.nn.parallel import DistributedDataParallel
 from clipforge import distributed as dist_utils
 from clipforge.config import ExperimentConfig, read_yaml, save_config, to_dict
 from clipforge.engine.checkpointing import (
-    MAIN_OPTIMIZER,
     LoadedCheckpoint,
     TrainingState,
     capture_rng,
@@ -66,7 +65,13 @@ from clipforge.engine.preflight import (
     clear_previous_run,
     make_output_dir,
 )
-from clipforge.engine.records import RunRecorder, read_metrics, split_sample_counts, write_plots, write_summary
+from clipforge.engine.records import (
+    RunRecorder,
+    read_metrics,
+    split_sample_counts,
+    write_plots,
+    write_summary,
+)
 from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
 from clipforge.models.factory import create_model, load_trained_weights, resolve_model_name
 from clipforge.objectives.base import MAIN_PHASE, ObjectiveOutput
@@ -282,7 +287,7 @@ def _build(run: Run) -> None:
             find_unused_parameters=objective.find_unused_parameters,
         )
     # configured data is checked before anything is written; rank 0 generates SynthScenes shards when asked
-    run.sources = _data_api().prepare_data(config, world_size=info.world_size)
+    run.sources = _data_api().prepare_data(config, world_size=info.world_size, decode=objective.batch_type.decode)
     if info.is_main:  # every check passed: the run folder may be created now, and is ours alone
         make_output_dir(run.run_dir)
         run.lock = RunLock(run.run_dir).acquire()

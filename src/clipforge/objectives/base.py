@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-
 MAIN_PHASE = "main"
 
 

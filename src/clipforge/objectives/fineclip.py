@@ -19,9 +19,8 @@ Deliberate choices against the official code (docs/fineclip.md):
 
 from __future__ import annotations
 
-import warnings
-
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
