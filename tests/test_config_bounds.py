@@ -39,6 +39,32 @@ BOUNDS: dict[str, tuple[type, float | None, float | None, str]] = {
     "objective.fineclip.w_region": (float, 0.0, None, "[)"),
     "objective.fineclip.crop_scale": (float, 1.0, 4.0, "[]"),
     "objective.fineclip.teacher_resolution": (int, 0, None, "()"),
+    "objective.vq.codebook_weight": (float, 0.0, None, "[)"),
+    "objective.vq.commitment_weight": (float, 0.0, None, "[)"),
+    "objective.vq.disc_weight": (float, 0.0, None, "[)"),
+    "objective.vq.disc_start": (int, 0, None, "[)"),
+    "objective.vq.disc_lr": (float, 0.0, None, "()"),
+    "objective.vq.disc_width": (int, 0, None, "()"),
+    "objective.vq.disc_layers": (int, 1, 6, "[]"),
+    "objective.vq.collapse_threshold": (float, 0.0, 100.0, "[]"),
+    "objective.lgvq.max_length": (int, 4, 512, "[]"),
+    "objective.lgvq.gsa_weight": (float, 0.0, None, "[)"),
+    "objective.lgvq.mtp_weight": (float, 0.0, None, "[)"),
+    "objective.lgvq.ras_weight": (float, 0.0, None, "[)"),
+    "objective.lgvq.gsa_temperature": (float, 0.0, None, "()"),
+    "objective.lgvq.mask_ratio_min": (float, 0.0, 1.0, "[]"),
+    "objective.lgvq.mask_ratio_max": (float, 0.0, 1.0, "[]"),
+    "objective.lgvq.label_smoothing": (float, 0.0, 1.0, "[)"),
+    "objective.lgvq.code_width": (int, 0, None, "()"),
+    "objective.lgvq.code_layers": (int, 0, None, "()"),
+    "objective.lgvq.code_heads": (int, 0, None, "()"),
+    "objective.lgvq.decoder_layers": (int, 0, None, "()"),
+    "objective.lgvq.decoder_heads": (int, 0, None, "()"),
+    "objective.lgvq.dropout": (float, 0.0, 1.0, "[)"),
+    "objective.lcl.generation_weight": (float, 0.0, None, "[)"),
+    "objective.lcl.contrastive_weight": (float, 0.0, None, "[)"),
+    "objective.lcl.max_images": (int, 0, None, "()"),
+    "objective.lcl.image_first_prob": (float, 0.0, 1.0, "[]"),
     "train.epochs": (int, 0, None, "()"),
     "train.max_steps": (int, 0, None, "()"),
     "train.lr": (float, 0.0, None, "()"),
@@ -61,7 +87,10 @@ BOUNDS: dict[str, tuple[type, float | None, float | None, str]] = {
 
 # other keys a value needs to be valid on its own (train.max_steps=1 with the default 100 warmup steps is refused
 # for the warmup, not for the range)
-CONTEXT = {"train.max_steps": ["train.warmup_steps=0"]}
+CONTEXT = {"train.max_steps": ["train.warmup_steps=0"],
+           # cross-key check: min <= max
+           "objective.lgvq.mask_ratio_min": ["objective.lgvq.mask_ratio_max=1.0"],
+           "objective.lgvq.mask_ratio_max": ["objective.lgvq.mask_ratio_min=0.0"]}
 
 
 def ranged_keys(cls: type = ExperimentConfig, prefix: str = "") -> set[str]:

@@ -78,6 +78,8 @@ class Registry:
 FAMILIES = Registry("model family", "model.family", {
     "clip": "clipforge.models.clip_family:build_clip",
     "toy": "clipforge.models.toy:build_toy",
+    "vq": "clipforge.models.vq:build_vq",
+    "lcl": "clipforge.models.lcl:build_lcl",
 })
 
 OBJECTIVES = Registry("objective", "objective.name", {
@@ -86,6 +88,9 @@ OBJECTIVES = Registry("objective", "objective.name", {
     "fineclip": "clipforge.objectives.fineclip:FineclipObjective",
     "classify": "clipforge.objectives.classify:ClassifyObjective",
     "toy_gan": "clipforge.objectives.toy_gan:ToyGanObjective",
+    "vq": "clipforge.objectives.vq:VqObjective",
+    "lgvq": "clipforge.objectives.lgvq:LgvqObjective",
+    "lcl": "clipforge.objectives.lcl:LclObjective",
 })
 
 # task name -> the module whose import registers it (clipforge.eval.tasks.register_task)

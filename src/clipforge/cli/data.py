@@ -1,4 +1,4 @@
-"""`clipforge data`: generate SynthScenes shards, and inspect any dataset."""
+"""`clipforge data`: generate SynthScenes shards, inspect any dataset, and convert interleaved documents."""
 
 from __future__ import annotations
 
@@ -30,6 +30,21 @@ DATA can be a shard folder, a glob or brace pattern (data/shard-{000000..000009}
 examples:
   clipforge data inspect data/synth_train
   clipforge data inspect 'data/shard-{000000..000003}.tar' --out sheet.png --limit 2000
+"""
+
+
+DOCUMENTS_HELP = """\
+Convert interleaved image-text documents, one JSON object per line, with their images in a local folder, into
+document shards (key.<i>.<ext> + key.json with an ordered "items" list) that LCL trains on. Accepted layouts:
+OBELICS (parallel "texts" and "images" lists), MMC4 ("text_list" and "image_info" with image_name and
+matched_text_index; each image goes right before or after its matched sentence, even odds, seeded) and
+clipforge's own ("items" with image file names). Images are looked up in DIR by file name (the last part of a
+URL); missing or unreadable images are dropped and counted, documents left without an image or text skipped.
+
+examples:
+  clipforge data documents --jsonl mmc4_shard_0.jsonl --images mmc4_images/ --out data/mmc4_docs \\
+      --min-similarity 0.24
+  clipforge data documents --jsonl obelics.jsonl --images obelics_images/ --out data/obelics_docs
 """
 
 
@@ -72,6 +87,21 @@ def add_parser(subparsers) -> None:
     inspect.add_argument("--sheet", type=int, default=16, metavar="K", help="samples on the contact sheet (default 16)")
     inspect.add_argument("--classes", type=int, default=20, metavar="K", help="histogram rows to print (default 20)")
     inspect.set_defaults(handler=run_inspect)
+
+    documents = commands.add_parser("documents", help="convert an MMC4/OBELICS-style jsonl into document shards",
+                                    description=DOCUMENTS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    documents.add_argument("--jsonl", required=True, metavar="FILE", help="one document per line")
+    documents.add_argument("--images", required=True, metavar="DIR", help="folder holding the documents' images")
+    documents.add_argument("--out", required=True, metavar="SHARDS", help="output folder for the shards")
+    documents.add_argument("--shard-size", type=int, default=1000, metavar="K",
+                           help="documents per shard (default 1000)")
+    documents.add_argument("--min-similarity", type=float, default=None, metavar="S",
+                           help="MMC4: drop images whose matched_sim is below S (LCL used 0.24; default keep all)")
+    documents.add_argument("--seed", type=int, default=0, metavar="S",
+                           help="MMC4: seed of the before/after placement of images (default 0)")
+    documents.add_argument("--strict", action="store_true", help="stop at the first bad document or image")
+    documents.add_argument("--no-progress", action="store_true", help="no progress bar")
+    documents.set_defaults(handler=run_documents)
 
 
 def run_synth(args) -> int:
@@ -173,4 +203,29 @@ def run_inspect(args) -> int:
         console.print(f"contact sheet: {path}")
     else:
         console.print("no valid sample: no contact sheet written")
+    return 0
+
+
+def run_documents(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from clipforge.data.documents import convert_jsonl_documents
+
+    jsonl = Path(args.jsonl)
+    if not jsonl.is_file():
+        raise DataError(f"jsonl file '{jsonl}' does not exist")
+    with jsonl.open("rb") as lines:
+        total = sum(1 for _ in lines)
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.no_progress, transient=False) as progress:
+        task = progress.add_task(f"documents from {jsonl.name}", total=total)
+        report = convert_jsonl_documents(
+            jsonl, args.images, args.out, shard_size=args.shard_size, min_similarity=args.min_similarity,
+            seed=args.seed, strict=args.strict, progress=lambda done: progress.update(task, completed=done),
+        )
+    skipped = ", ".join(f"{kind} {n}" for kind, n in report.skipped.items()) or "none"
+    console.print(f"wrote {report.documents} documents ({report.images} images) in {len(report.shards)} shard(s) "
+                  f"under {args.out} from {report.lines} lines; skipped: {skipped}")
     return 0

@@ -13,6 +13,7 @@ loop changes.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field, fields
 
@@ -83,6 +84,38 @@ class ImageTextBatch(_ImageBatch):
     def collate(cls, samples: list[Sample], builder) -> ImageTextBatch:
         return cls(images=builder.images(samples), texts=builder.tokenize([s.caption for s in samples]),
                    labels=_labels(samples), keys=[s.key for s in samples])
+
+
+def _has_caption(record: dict) -> bool | None:
+    """True / False when the record visibly has / lacks a caption; None when only decoding can tell (bad bytes)."""
+    if "txt" in record:
+        raw = record["txt"]
+        try:
+            return bool((raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).strip())
+        except UnicodeDecodeError:
+            return None
+    if "json" in record:
+        try:
+            meta = json.loads(record["json"])
+        except (UnicodeDecodeError, ValueError, TypeError):
+            return None
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        return isinstance(caption, str) and bool(caption.strip())
+    return False
+
+
+class CaptionOptionalBatch(ImageTextBatch):
+    """ImageTextBatch that keeps images whose caption is missing or empty (caption ""), instead of skipping
+    them: they still train a tokenizer's reconstruction (LG-VQ's objective)."""
+
+    @classmethod
+    def decode(cls, record: dict, counter: SkipCounter, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if _has_caption(record) is not False:  # captioned, or broken in a way decode_sample counts
+            return decode_sample(record, counter, max_pixels, with_regions=False)
+        sample = decode_sample({**record, "txt": b"-"}, counter, max_pixels, with_regions=False)
+        if sample is not None:
+            sample.caption = ""
+        return sample
 
 
 @dataclass

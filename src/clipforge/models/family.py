@@ -23,7 +23,8 @@ MODEL_CONFIG_FILE = "model.json"
 MODEL_JSON_VERSION = 1
 
 # family -> the name of its tiny variant (for tests and smoke runs); each family module adds its own
-TINY_VARIANTS: dict[str, str] = {"clip": "clipforge-vit-micro", "toy": "toy-classifier-tiny"}
+TINY_VARIANTS: dict[str, str] = {"clip": "clipforge-vit-micro", "toy": "toy-classifier-tiny", "vq": "vq-tiny",
+                                 "lcl": "lcl-tiny"}
 
 
 @dataclass
