@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipforge.data.documents import read_document
 from clipforge.data.readers import read_csv, read_image_folder
-from clipforge.data.samples import SkipCounter, decode_document, decode_sample
+from clipforge.data.samples import SkipCounter, decode_sample
 from clipforge.data.shards import (
     count_tar_samples,
     expand_braces,
@@ -109,7 +110,7 @@ def test_documents_round_trip(tmp_path):
     back = _read_all(str(tmp_path), counter)
     assert [d["__key__"] for d in back] == [d["__key__"] for d in docs]
     for original, raw in zip(docs, back):
-        document = decode_document(raw, counter)
+        document = read_document(raw, counter)
         meta = json.loads(original["json"])
         assert document.items == meta["items"]
         images = sorted(k for k in original if k.endswith(".png"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from clipforge.data.samples import DEFAULT_MAX_PIXELS, Sample, SkipCounter, decode_document, decode_sample
+from clipforge.data.samples import DEFAULT_MAX_PIXELS, Sample, SkipCounter, decode_sample
 
 IGNORE_INDEX = -100  # target id that a cross-entropy loss skips (torch's default ignore_index)
 
@@ -199,7 +199,9 @@ class DocumentBatch(_Moves):
 
     @classmethod
     def decode(cls, record: dict, counter: SkipCounter, max_pixels: int = DEFAULT_MAX_PIXELS):
-        return decode_document(record, counter, max_pixels)
+        from clipforge.data.documents import read_document  # documents.py builds on this module
+
+        return read_document(record, counter, max_pixels)
 
     @classmethod
     def image_transform(cls, preprocess, image_size: int | None = None):

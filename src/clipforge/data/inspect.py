@@ -14,12 +14,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from clipforge.data.documents import read_document
 from clipforge.data.samples import (
     DEFAULT_MAX_PIXELS,
     Document,
     Sample,
     SkipCounter,
-    decode_document,
     decode_sample,
     is_document,
 )
@@ -59,7 +59,7 @@ def inspect_data(spec: str, format: str = "auto", *, limit: int | None = None, n
             break
         read += 1
         if is_document(raw):
-            document = decode_document(raw, counter, max_pixels)
+            document = read_document(raw, counter, max_pixels)
             if document is None:
                 continue
             valid += 1
