@@ -72,7 +72,7 @@ from clipforge.engine.records import (
     write_plots,
     write_summary,
 )
-from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
+from clipforge.errors import CheckpointError, ClipforgeError, ConfigError, DataError
 from clipforge.models.factory import create_model, load_trained_weights, resolve_model_name
 from clipforge.objectives.base import MAIN_PHASE, ObjectiveOutput
 from clipforge.objectives.registry import build_objective, objective_model_kwargs
@@ -430,8 +430,6 @@ def _next_micro_batches(run: Run, loader, batches, epoch: int) -> list:
         try:
             batch = next(batches)
         except StopIteration:
-            from clipforge.errors import DataError
-
             raise DataError(f"the data loader ended after {state.batches_in_epoch} of {run.micro_per_epoch} "
                             f"batches in epoch {epoch}") from None
         for kind, count in (batch.skipped or {}).items():
