@@ -144,12 +144,12 @@ if where == "checkpoint":  # a half-written model.safetensors in the temporary c
     weights.save_file = save_file
 elif where == "latest":  # the new step folder is in place, latest.json not yet replaced
     import clipforge.engine.checkpointing as checkpointing
-    original_write = checkpointing._write_json_atomic
+    original_write = checkpointing.write_json_atomic
     def write_json(path, payload):
         if path.name == "latest.json":
             pause(str(path))
         original_write(path, payload)
-    checkpointing._write_json_atomic = write_json
+    checkpointing.write_json_atomic = write_json
 elif where == "data":  # while a sample is being decoded (by its batch type)
     import clipforge.data.batches as batches
     original_decode = batches.decode_sample

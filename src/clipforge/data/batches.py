@@ -13,13 +13,12 @@ loop changes.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from clipforge.data.samples import DEFAULT_MAX_PIXELS, Sample, SkipCounter, decode_sample
+from clipforge.data.samples import DEFAULT_MAX_PIXELS, Sample, SkipCounter, decode_sample, read_json_member
 
 IGNORE_INDEX = -100  # target id that a cross-entropy loss skips (torch's default ignore_index)
 
@@ -96,8 +95,8 @@ def _has_caption(record: dict) -> bool | None:
             return None
     if "json" in record:
         try:
-            meta = json.loads(record["json"])
-        except (UnicodeDecodeError, ValueError, TypeError):
+            meta = read_json_member(record)
+        except ValueError:
             return None
         caption = meta.get("caption") if isinstance(meta, dict) else None
         return isinstance(caption, str) and bool(caption.strip())

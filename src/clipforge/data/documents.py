@@ -44,6 +44,7 @@ from clipforge.data.samples import (
     decode_sample,
     is_document,
     read_image_file,
+    read_json_member,
     to_rgb,
 )
 from clipforge.errors import DataError
@@ -83,13 +84,11 @@ def read_document(raw: dict, counter: SkipCounter, max_pixels: int = DEFAULT_MAX
     its items' image numbers index them."""
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}: {key}"
-    meta = None
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"].decode("utf-8") if isinstance(raw["json"], bytes) else raw["json"])
-        except (UnicodeDecodeError, ValueError, TypeError):
-            counter.skip("malformed_json", where)
-            return None
+    try:
+        meta = read_json_member(raw)
+    except ValueError:
+        counter.skip("malformed_json", where)
+        return None
     if isinstance(meta, dict) and "items" in meta:
         return _read_interleaved(raw, meta, counter, max_pixels, max_images, key, where)
     if is_document(raw):

@@ -298,6 +298,17 @@ def _image_member(raw: dict) -> tuple[str | None, bytes | None]:
     return None, None
 
 
+def read_json_member(raw: dict):
+    """The parsed `json` member of a raw record (None when it has none); ValueError when it does not parse."""
+    if "json" not in raw:
+        return None
+    data = raw["json"]
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (UnicodeDecodeError, ValueError, TypeError):
+        raise ValueError("malformed_json") from None
+
+
 def decode_sample(
     raw: dict,
     counter: SkipCounter,
@@ -309,16 +320,16 @@ def decode_sample(
     where = f"{raw.get('__url__', '?')}: {key}"
 
     # metadata first: it is cheap, and a sample with broken JSON is skipped before decoding pixels
-    meta: dict = {}
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"].decode("utf-8") if isinstance(raw["json"], bytes) else raw["json"])
-        except (UnicodeDecodeError, ValueError, TypeError):
-            counter.skip("malformed_json", where)
-            return None
-        if not isinstance(meta, dict):
-            counter.skip("malformed_json", f"{where}: top level is not an object")
-            return None
+    try:
+        meta = read_json_member(raw)
+    except ValueError:
+        counter.skip("malformed_json", where)
+        return None
+    if meta is None:
+        meta = {}
+    elif not isinstance(meta, dict):
+        counter.skip("malformed_json", f"{where}: top level is not an object")
+        return None
 
     if "txt" in raw:
         try:

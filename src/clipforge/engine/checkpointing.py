@@ -29,7 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clipforge.errors import CheckpointError
-from clipforge.models.checkpoint import PointerUnreadable, read_checkpoint_pointer, save_model_weights
+from clipforge.models.checkpoint import (
+    PointerUnreadable,
+    read_checkpoint_pointer,
+    save_model_weights,
+    write_json_atomic,
+)
 from clipforge.models.factory import write_model_json
 
 FORMAT_VERSION = 1
@@ -124,15 +129,6 @@ def config_hash(config_dict: dict) -> str:
 # Writing
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
@@ -178,14 +174,14 @@ def save_checkpoint(
             "rng": rng_states,
             **meta,
         }
-        _write_json_atomic(temporary / "state.json", payload)
+        write_json_atomic(temporary / "state.json", payload)
 
         if final.exists():  # the same step saved again (e.g. an epoch end that is also a save_every step)
             shutil.rmtree(final)
         os.rename(temporary, final)  # atomic: the folder appears complete or not at all
-        _write_json_atomic(checkpoint_root / "latest.json", {"path": final.name, "step": training.step})
+        write_json_atomic(checkpoint_root / "latest.json", {"path": final.name, "step": training.step})
         if is_best:
-            _write_json_atomic(checkpoint_root / "best.json", {"path": final.name, "step": training.step,
+            write_json_atomic(checkpoint_root / "best.json", {"path": final.name, "step": training.step,
                                                                "loss": training.best_loss})
     except OSError as err:  # e.g. the disk filled up: the previous checkpoint and latest.json stay as they were
         shutil.rmtree(temporary, ignore_errors=True)

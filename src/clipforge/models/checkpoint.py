@@ -113,6 +113,18 @@ def save_model_weights(model: nn.Module, path: str | Path, exclude: tuple[str, .
     os.replace(temporary, path)
 
 
+def write_json_atomic(path: str | Path, payload, *, indent: int | None = None, sort_keys: bool = False) -> None:
+    """JSON into a temporary file beside `path`, flushed to disk, then renamed into place: a reader sees the old
+    file or the new one, never a torn write (pointers, state.json, model.json)."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=indent, sort_keys=sort_keys)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def read_checkpoint_pointer(checkpoint_root: str | Path, name: str = "latest.json") -> Path | None:
     """The step folder a pointer file (`latest.json`, `best.json`) names, or None when there is no pointer.
 

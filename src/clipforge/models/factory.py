@@ -25,6 +25,7 @@ from clipforge.models.checkpoint import (
     check_finite_weights,
     read_checkpoint_pointer,
     read_weight_shapes,
+    write_json_atomic,
 )
 from clipforge.models.family import MODEL_CONFIG_FILE, ModelBundle, is_frozen_key
 from clipforge.registry import FAMILIES
@@ -56,12 +57,8 @@ def resolve_model_name(model_config: ModelConfig | str) -> None:
 
 def write_model_json(bundle: ModelBundle, folder: Path) -> None:
     """The bundle's resolved config as folder/model.json (temporary file, then rename)."""
-    import os
-
     body = {"format_version": 1, **bundle.config, "frozen": list(bundle.frozen)}
-    temporary = folder / (MODEL_CONFIG_FILE + ".tmp")
-    temporary.write_text(json.dumps(body, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(temporary, folder / MODEL_CONFIG_FILE)
+    write_json_atomic(folder / MODEL_CONFIG_FILE, body, indent=1, sort_keys=True)
 
 
 def read_model_json(folder: Path) -> dict | None:
