@@ -21,6 +21,7 @@ from clipforge.eval import EvalDataset, load_eval_datasets, run_suite
 from clipforge.eval.capabilities import missing_capabilities, model_capabilities
 from clipforge.eval.results import read_results
 from clipforge.eval.suite import evaluate_run
+from clipforge.models.tokens import encode_image_tokens
 
 open_clip.add_model_config(Path(__file__).resolve().parent.parent / "src" / "clipforge" / "model_configs")
 
@@ -106,7 +107,12 @@ CONFIG = EvalConfig(tasks=ALL_TASKS, fewshot_ways=3, fewshot_shots=[1], fewshot_
 
 def test_capabilities_are_inferred_from_callables_or_declared():
     model = open_clip.create_model("clipforge-vit-micro")
-    assert model_capabilities(model) == {"encode_image", "encode_text", "dense"}
+    assert model_capabilities(model) == {"encode_image", "encode_text", "dense", "image_tokens"}
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = encode_image_tokens(model.eval(), images)
+    model.visual.output_tokens = True  # open_clip's own token output is the reference
+    _, reference = model.visual(images)
+    assert tokens.shape == (2, 16, model.visual.conv1.out_channels) and torch.equal(tokens, reference)
     assert model_capabilities(ImageOnlyModel(torch.eye(2))) == {"encode_image"}
 
     class Tokenizer(torch.nn.Module):

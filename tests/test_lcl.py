@@ -183,7 +183,7 @@ def test_the_model_serves_zero_shot_and_retrieval_unchanged(bundle, tmp_path):
     from clipforge.config import EvalConfig
     from clipforge.eval import model_capabilities, run_suite, synth_eval_datasets
 
-    assert model_capabilities(bundle.model) == {"encode_image", "encode_text"}
+    assert model_capabilities(bundle.model) == {"encode_image", "encode_text", "image_tokens"}
     datasets = synth_eval_datasets(num_eval=24, image_size=32, groups=("base",))
     summary = run_suite(bundle.model, bundle.preprocess_val, bundle.tokenizer,
                         EvalConfig(tasks=["zeroshot", "retrieval"], batch_size=12), datasets, tmp_path)

@@ -5,6 +5,7 @@
 | `encode_image` | `encode_image(images [B, 3, H, W]) -> [B, D]`                                      | zero-shot, retrieval, linear probe, few-shot, robustness |
 | `encode_text`  | `encode_text(tokens) -> [B, D]` (and a tokenizer)                                  | zero-shot, retrieval, robustness, regions |
 | `dense`        | region features: its own `encode_regions` / `encode_dense`, or an open_clip ViT image tower that clipforge.models.dense reads a dense map from | regions |
+| `image_tokens` | `encode_image_tokens(images) -> [B, N, W]`, or an open_clip ViT image tower (clipforge.models.tokens) | frozen transfer (attentive probe, LiT retrieval, captioning) |
 | `codes`        | `encode_codes` and `decode_codes` (a VQ image tokenizer)                            | code tasks |
 | `generate`     | `generate` (image generation)                                                      | generation tasks |
 
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 
 from clipforge.errors import ConfigError
 
-CAPABILITIES = ("encode_image", "encode_text", "dense", "codes", "generate")
+CAPABILITIES = ("encode_image", "encode_text", "dense", "image_tokens", "codes", "generate")
 
 
 def _callable(model, name: str) -> bool:
@@ -54,6 +55,10 @@ def model_capabilities(model) -> frozenset[str]:
         found.add("codes")
     if _serves_dense(model):
         found.add("dense")
+    from clipforge.models.tokens import serves_image_tokens
+
+    if serves_image_tokens(model):
+        found.add("image_tokens")
     return frozenset(found)
 
 

@@ -186,6 +186,10 @@ class LclModel(nn.Module):
         _, patches = self.visual(images)  # [N, P, Wv] after ln_post, class token dropped
         return self.pooler(patches)
 
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, P, Wv] the ViT's patch tokens (after ln_post, before the pooler): frozen-transfer tasks pool them."""
+        return self.visual(images)[1]
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         pooled, _ = self.image_latents(images)  # [N, D]
         return F.normalize(pooled, dim=-1) if normalize else pooled
