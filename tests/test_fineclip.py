@@ -283,8 +283,8 @@ def test_reproduction_table_and_results_section(tmp_path):
                "fineclip": [{**dict.fromkeys(titles, 0.5), "region top-1": float("nan")}]}
     table = results_table(results)
     rows = table.splitlines()
-    assert rows[2].startswith("| CLIP | 50.0 +- 35.4 |")  # mean and sample std over seeds, in percent
-    assert rows[3].startswith("| FineCLIP (global + distill + region) | n/a | 50.0 +- 0.0 |")
+    assert rows[2].startswith("| CLIP | 2 | 50.0 +- 35.4 |")  # mean and sample std over seeds, in percent
+    assert rows[3].startswith("| FineCLIP (global + distill + region) | 1 | n/a | 50.0 +- 0.0 |")
 
     results_md = tmp_path / "results.md"
     results_md.write_text("# Results\n\n## Reliability\n\nkeep me\n", encoding="utf-8")

@@ -36,17 +36,62 @@ def add_parser(subparsers) -> None:
     fineclip.add_argument("--results", default="docs/results.md",
                           help="markdown file whose FineCLIP section is (re)written; '' to skip")
     fineclip.set_defaults(handler=run_fineclip)
+    lcl = methods.add_parser(
+        "lcl",
+        help="LCL vs CLIP on the mined pairs, generation-only, contrastive-only and a w_con sweep",
+        description="Arms: lcl (w_con 0.1), clip (CLIP on the pairs mined from the same documents, as many images "
+                    "seen), gen_only (w_con 0), con_only (w_gen 0), wcon_0.3, wcon_1. Each trains from scratch on "
+                    "the same 2000 SynthScenes documents with the same 32 px ViT; every frozen encoder is then "
+                    "evaluated by zero-shot (base, novel), linear probe, attentive probe, LiT retrieval and "
+                    "captioning. Training and evaluation resume: finished parts are skipped on a re-run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  clipforge reproduce lcl\n"
+               "  clipforge reproduce lcl --seeds 0 --arms lcl clip gen_only\n"
+               "  clipforge reproduce lcl --train-only        # train now, evaluate in a later call\n",
+    )
+    lcl.add_argument("--out", default="runs/reproduce_lcl", help="folder for the data, runs and results.json")
+    lcl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    lcl.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
+    lcl.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
+                     help="config overrides applied to every run alike")
+    lcl.add_argument("--num-eval", type=int, default=500, help="held-out scenes per evaluation split (and train split "
+                                                               "of the probes)")
+    lcl.add_argument("--configs", default="configs", help="folder with lcl_/lcl_clip_baseline_synth_tiny.yaml")
+    lcl.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
+    lcl.add_argument("--results", default="docs/results.md",
+                     help="markdown file whose LCL section is (re)written; '' to skip")
+    lcl.set_defaults(handler=run_lcl)
+    lgvq = methods.add_parser(
+        "lgvq",
+        help="VQ vs LG-VQ, the paper's loss ablation, and FSQ with and without the language terms",
+        description="Arms: vq, gsa, mtp, mtp_ras, lgvq (the loss ablation), fsq, fsq_lg. Each trains the tiny "
+                    "tokenizer of configs/lgvq_synth_tiny.yaml with the same data, steps and optimiser; a judge "
+                    "CLIP (configs/lgvq_judge_clip_synth_tiny.yaml) is trained once as the Fréchet feature "
+                    "extractor. Every tokenizer is evaluated by reconstruction, codebook usage and semantic probes "
+                    "read from its frozen codes. Training and evaluation resume: finished parts are skipped.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  clipforge reproduce lgvq\n"
+               "  clipforge reproduce lgvq --seeds 0 --arms vq lgvq\n"
+               "  clipforge reproduce lgvq --train-only       # train now, evaluate in a later call\n",
+    )
+    lgvq.add_argument("--out", default="runs/reproduce_lgvq", help="folder for the runs and results.json")
+    lgvq.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    lgvq.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
+    lgvq.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
+                      help="config overrides applied to every tokenizer run alike")
+    lgvq.add_argument("--num-eval", type=int, default=500, help="held-out scenes (and probe training scenes)")
+    lgvq.add_argument("--configs", default="configs", help="folder with lgvq_synth_tiny.yaml and the judge's config")
+    lgvq.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
+    lgvq.add_argument("--results", default="docs/results.md",
+                      help="markdown file whose LG-VQ section is (re)written; '' to skip")
+    lgvq.set_defaults(handler=run_lgvq)
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
 
 
-def run_fineclip(args) -> int:
-    import shlex
-    import sys
-    from pathlib import Path
-
+def _progress():
     from rich.console import Console
-
-    from clipforge.reproduce.fineclip import reproduce_fineclip, write_results_section
 
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -54,14 +99,76 @@ def run_fineclip(args) -> int:
     def progress(message: str) -> None:
         console.print(f"[{time.perf_counter() - started:7.0f} s] {message}")
 
+    return console, progress
+
+
+def _command(method: str) -> str:
+    import shlex
+    import sys
+
+    return f"clipforge reproduce {method} " + shlex.join(sys.argv[3:]) if len(sys.argv) > 3 else \
+        f"clipforge reproduce {method}"
+
+
+def run_fineclip(args) -> int:
+    from pathlib import Path
+
+    from clipforge.reproduce.fineclip import reproduce_fineclip, write_results_section
+
+    console, progress = _progress()
     payload = reproduce_fineclip(args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides,
                                  num_eval=args.num_eval, config_dir=args.configs, progress=progress)
     print(payload["table"])
     if args.results:
-        command = "clipforge reproduce fineclip " + shlex.join(sys.argv[3:]) if len(sys.argv) > 3 else \
-            "clipforge reproduce fineclip"
-        section = (f"### FineCLIP vs CLIP on SynthScenes\n\nProduced by `{command}` "
+        section = (f"### FineCLIP vs CLIP on SynthScenes\n\nProduced by `{_command('fineclip')}` "
                    f"(seeds {', '.join(map(str, args.seeds))}; per-run numbers in {args.out}/results.json).\n\n"
+                   f"{payload['table']}\n")
+        write_results_section(Path(args.results), section)
+        console.print(f"table written to {args.results}")
+    return 0
+
+
+def run_lcl(args) -> int:
+    from pathlib import Path
+
+    from clipforge.reproduce.lcl import reproduce_lcl, write_results_section
+
+    console, progress = _progress()
+    payload = reproduce_lcl(args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides,
+                            num_eval=args.num_eval, config_dir=args.configs, train_only=args.train_only,
+                            progress=progress)
+    if args.train_only:
+        console.print("trained; run again without --train-only to evaluate")
+        return 0
+    print(payload["table"])
+    if args.results:
+        budget = payload["budget"]
+        section = (f"### LCL vs CLIP on SynthScenes documents\n\nProduced by `{_command('lcl')}` (seeds "
+                   f"{', '.join(map(str, args.seeds))}; LCL arms {budget['lcl_steps']} steps of "
+                   f"{budget['documents_per_step']} documents, {budget['images_seen']:.0f} images seen; CLIP "
+                   f"{budget['clip_steps']} steps of {budget['clip_batch']} pairs; per-run numbers in "
+                   f"{args.out}/results.json).\n\n{payload['table']}\n")
+        write_results_section(Path(args.results), section)
+        console.print(f"table written to {args.results}")
+    return 0
+
+
+def run_lgvq(args) -> int:
+    from pathlib import Path
+
+    from clipforge.reproduce.lgvq import reproduce_lgvq, write_results_section
+
+    console, progress = _progress()
+    payload = reproduce_lgvq(args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides,
+                             num_eval=args.num_eval, config_dir=args.configs, train_only=args.train_only,
+                             progress=progress)
+    if args.train_only:
+        console.print("trained; run again without --train-only to evaluate")
+        return 0
+    print(payload["table"])
+    if args.results:
+        section = (f"### LG-VQ vs VQ on SynthScenes\n\nProduced by `{_command('lgvq')}` (seeds "
+                   f"{', '.join(map(str, args.seeds))}; per-run numbers in {args.out}/results.json).\n\n"
                    f"{payload['table']}\n")
         write_results_section(Path(args.results), section)
         console.print(f"table written to {args.results}")

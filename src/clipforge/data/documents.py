@@ -375,3 +375,52 @@ def convert_jsonl_documents(
     if report.documents == 0:
         raise DataError(f"no usable document in '{jsonl}' ({report.lines} lines; skipped: {report.skipped})")
     return report
+
+
+# ---- mined pairs: the CLIP baseline's data ----------------------------------------------------------------------
+
+def mine_document_pairs(documents_dir: str | Path, out_dir: str | Path, shard_size: int = 1000,
+                        progress: Callable[[int], None] | None = None) -> tuple[int, dict]:
+    """Image-caption pairs mined from interleaved document shards: each image with the sentence that describes it,
+    as CLIP trained on "the pairs mined from the same documents" sees them (LCL's baseline).
+
+    The describing sentence is `images[i]["caption_item"]` of the document's json (SynthScenes records it; MMC4's
+    `matched_text_index` plays that part). Images without one are not mined, and counted. Returns (pairs written,
+    skip counts by kind); the shards are written atomically with a manifest recording the source.
+    """
+    from clipforge.data.shards import iter_tar_samples, resolve_shards, write_shards
+
+    counter = SkipCounter()
+    unmatched = 0
+
+    def records() -> Iterator[dict]:
+        nonlocal unmatched
+        for shard in resolve_shards(str(documents_dir)):
+            for raw in iter_tar_samples(shard.url, counter):
+                try:
+                    meta = read_json_member(raw)
+                except ValueError:
+                    counter.skip("malformed_json", raw.get("__key__", "?"))
+                    continue
+                items = meta.get("items") if isinstance(meta, dict) else None
+                images = meta.get("images") if isinstance(meta, dict) else None
+                if not isinstance(items, list) or not isinstance(images, list):
+                    counter.skip("malformed_json", raw.get("__key__", "?"))
+                    continue
+                for number, image in enumerate(images):
+                    where = image.get("caption_item") if isinstance(image, dict) else None
+                    png = raw.get(f"{number}.png")
+                    if png is None or not isinstance(where, int) or not 0 <= where < len(items) or \
+                            not isinstance(items[where], dict) or not isinstance(items[where].get("text"), str):
+                        unmatched += 1
+                        continue
+                    label = {k: image[k] for k in ("label", "classname") if k in image}
+                    yield {"__key__": f"{raw['__key__']}-{number}", "png": png, "txt": items[where]["text"],
+                           "json": {"source": raw["__key__"], "image": number, **label}}
+
+    manifest = write_shards(records(), out_dir, shard_size, prefix="pairs", progress=progress,
+                            meta={"mined_from": str(documents_dir)})
+    skipped = dict(counter)
+    if unmatched:
+        skipped["image_without_describing_sentence"] = unmatched
+    return sum(s.num_samples for s in manifest.shards), skipped

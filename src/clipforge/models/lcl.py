@@ -109,7 +109,7 @@ def check_settings(settings: dict, name: str) -> dict:
     return settings
 
 
-def _settings_of(name: str) -> dict:
+def variant_settings(name: str) -> dict:
     if name in VARIANTS:
         return check_settings(dict(VARIANTS[name]), name)
     path = Path(name)
@@ -127,7 +127,7 @@ def _settings_of(name: str) -> dict:
 
 
 def resolve_name(name: str) -> None:
-    _settings_of(name)
+    variant_settings(name)
 
 
 # ---- the model ------------------------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def build_lcl(model_config: ModelConfig, device="cpu", model_kwargs: dict | None
     if saved is not None:
         name, settings = saved["name"], check_settings(dict(saved["settings"]), saved["name"])
     else:
-        name, settings = model_config.name, _settings_of(model_config.name)
+        name, settings = model_config.name, variant_settings(model_config.name)
     model = LclModel(settings).to(device)
     if model_config.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)

@@ -19,27 +19,15 @@ finished run is not trained again, an interrupted one continues from its latest 
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from clipforge.config import EvalConfig, load_config
+from clipforge.reproduce import common
+from clipforge.reproduce.common import Arm, ProgressFn
 
-RESULTS_BEGIN = "<!-- fineclip-reproduction:begin -->"
-RESULTS_END = "<!-- fineclip-reproduction:end -->"
-
-
-@dataclass(frozen=True)
-class Arm:
-    key: str
-    label: str
-    config: str  # "clip" or "fineclip": which base config file
-    overrides: tuple[str, ...] = ()
-
+MARKER = "fineclip-reproduction"
 
 ARMS: tuple[Arm, ...] = (
     Arm("clip", "CLIP", "clip"),
@@ -61,7 +49,6 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
 )
 EVAL_TASKS = ["zeroshot", "retrieval", "regions"]
 
-ProgressFn = Callable[[str], None]
 
 
 def run_config(arm: Arm, seed: int, out_dir: Path, config_dir: Path, extra: Sequence[str]):
@@ -73,27 +60,13 @@ def run_config(arm: Arm, seed: int, out_dir: Path, config_dir: Path, extra: Sequ
     return load_config(path, overrides)
 
 
-def _finished(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        return False
-    data = json.loads(summary.read_text(encoding="utf-8"))
-    return data.get("steps") == data.get("total_steps")
-
-
 def train_and_evaluate(config, datasets, eval_config: EvalConfig, progress: ProgressFn) -> dict:
     """Train one run (or reuse it when finished) and evaluate its final weights: {column title: value}."""
-    from clipforge.engine.loop import train
     from clipforge.eval.suite import run_suite
     from clipforge.models.factory import load_model
 
     run_dir = config.run_dir
-    if _finished(run_dir):
-        progress(f"{config.name}: already trained")
-    else:
-        progress(f"{config.name}: training")
-        train(config, resume="latest")
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = common.train_once(config, progress)
     model, preprocess, tokenizer = load_model(None, checkpoint=run_dir)
     progress(f"{config.name}: evaluating")
     suite = run_suite(model, preprocess, tokenizer, eval_config, datasets, out_dir=run_dir, model_name=config.name)
@@ -105,37 +78,14 @@ def train_and_evaluate(config, datasets, eval_config: EvalConfig, progress: Prog
     return metrics
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def results_table(results: dict[str, list[dict]]) -> str:
     """Markdown table: one row per arm, mean +- std over seeds in percent."""
-    titles = [title for title, *_ in COLUMNS]
-    lines = ["| arm | " + " | ".join(titles) + " |", "| --- |" + " ---: |" * len(titles)]
-    for arm in ARMS:
-        runs = results.get(arm.key)
-        if not runs:
-            continue
-        cells = []
-        for title in titles:
-            mean, std = mean_std([run[title] for run in runs])
-            cells.append("n/a" if math.isnan(mean) else f"{100 * mean:.1f} +- {100 * std:.1f}")
-        lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return common.results_table(ARMS, results, [title for title, *_ in COLUMNS])
 
 
 def write_results_section(path: Path, section: str) -> None:
     """Replace (or append) the FineCLIP section of docs/results.md, leaving the other sections alone."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Results\n"
-    block = f"{RESULTS_BEGIN}\n{section.strip()}\n{RESULTS_END}"
-    pattern = re.compile(re.escape(RESULTS_BEGIN) + r".*?" + re.escape(RESULTS_END), re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    common.write_results_section(path, section, MARKER)
 
 
 def reproduce_fineclip(
@@ -154,12 +104,7 @@ def reproduce_fineclip(
 
     progress = progress or (lambda message: None)
     out_dir, config_dir = Path(out_dir), Path(config_dir)
-    chosen = [arm for arm in ARMS if arms is None or arm.key in arms]
-    unknown = set(arms or ()) - {arm.key for arm in ARMS}
-    if unknown:
-        from clipforge.errors import ConfigError
-
-        raise ConfigError(f"unknown arm '{sorted(unknown)[0]}' (known: {', '.join(a.key for a in ARMS)})")
+    chosen = common.select_arms(ARMS, arms)
     # every config is loaded (and checked) before any training; seed by seed, so a partial run has every arm
     configs = {(arm.key, seed): run_config(arm, seed, out_dir, config_dir, overrides) for seed in seeds
                for arm in chosen}
@@ -179,6 +124,5 @@ def reproduce_fineclip(
         "results": results, "table": table, "seeds": list(seeds), "overrides": list(overrides),
         "num_eval": num_eval, "steps": {k: v[0].get("steps") for k, v in results.items()},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    common.write_payload(out_dir, payload)
     return payload

@@ -1,0 +1,107 @@
+"""The reproduction machinery shared by `clipforge reproduce METHOD`: resumable evaluation, tables, arm selection,
+LCL's mined pairs and its equal-images bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipforge.config import load_config
+from clipforge.errors import ConfigError
+from clipforge.reproduce import common
+
+
+def test_an_evaluation_is_computed_once_per_settings_and_read_back(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"acc": 0.5 * len(calls)}
+
+    first = common.cached_evaluation(tmp_path, "eval", {"tasks": ["a"]}, compute, lambda m: None)
+    again = common.cached_evaluation(tmp_path, "eval", {"tasks": ["a"]}, compute, lambda m: None)
+    changed = common.cached_evaluation(tmp_path, "eval", {"tasks": ["a", "b"]}, compute, lambda m: None)
+    assert first == again == {"acc": 0.5} and changed == {"acc": 1.0} and len(calls) == 2
+    assert json.loads((tmp_path / "eval.json").read_text())["key"] == {"tasks": ["a", "b"]}
+
+
+def test_a_run_is_finished_only_when_every_step_ran(tmp_path):
+    assert not common.is_finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 3, "total_steps": 5}))
+    assert not common.is_finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 5, "total_steps": 5}))
+    assert common.is_finished(tmp_path)
+
+
+def test_tables_show_mean_and_sample_std_and_the_seed_count():
+    arms = [common.Arm("a", "arm A", "x"), common.Arm("b", "arm B", "x"), common.Arm("c", "arm C", "x")]
+    results = {"a": [{"m": 0.25, "n": 2.0}, {"m": 0.75, "n": 4.0}], "b": [{"m": float("nan"), "n": 1.0}]}
+    table = common.results_table(arms, results, ["m", "n"], {"n": lambda mean, std: f"{mean:.1f}/{std:.2f}"})
+    rows = table.splitlines()
+    assert rows[2] == "| arm A | 2 | 50.0 +- 35.4 | 3.0/1.41 |"
+    assert rows[3] == "| arm B | 1 | n/a | 1.0/0.00 |"
+    assert len(rows) == 4  # arm C has no results: no row
+    with pytest.raises(ConfigError, match="unknown arm 'z'"):
+        common.select_arms(arms, ["a", "z"])
+    assert [a.key for a in common.select_arms(arms, ["c", "a"])] == ["a", "c"]  # the method's order
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    from clipforge.data.generate import generate_synth_shards
+
+    folder = tmp_path_factory.mktemp("docs")
+    generate_synth_shards(folder, num=40, image_size=32, shard_size=16, documents=True)
+    return folder
+
+
+def test_mined_pairs_are_each_image_with_its_describing_sentence(documents, tmp_path):
+    from clipforge.data.documents import mine_document_pairs
+    from clipforge.data.samples import SkipCounter
+    from clipforge.data.shards import iter_tar_samples, resolve_shards
+    from clipforge.data.synth import SynthScenes
+    from clipforge.data.synth.documents import caption_sentence
+
+    count, skipped = mine_document_pairs(documents, tmp_path / "pairs", shard_size=25)
+    generator = SynthScenes(image_size=32)
+    expected = {}
+    for index in range(40):
+        raw = generator.document(index)
+        meta = json.loads(raw["json"])
+        for number, caption in enumerate(meta["image_captions"]):
+            expected[f"{raw['__key__']}-{number}"] = (caption_sentence(caption), raw[f"{number}.png"])
+    mined = {}
+    for shard in resolve_shards(str(tmp_path / "pairs")):
+        for raw in iter_tar_samples(shard.url, SkipCounter()):
+            mined[raw["__key__"]] = (raw["txt"].decode(), raw["png"])
+    assert count == len(expected) == len(mined) and skipped == {}
+    assert mined == expected
+
+
+def test_equal_images_counts_the_blocks_that_fit_the_context(documents, tmp_path):
+    from clipforge.reproduce.lcl import images_per_document
+
+    wide = tmp_path / "wide.json"  # a context every document fits in whole
+    wide.write_text(json.dumps({"image_size": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
+                                "vision_heads": 2, "text_width": 32, "text_layers": 1, "text_heads": 2,
+                                "context_length": 1024}))
+    config = load_config("configs/lcl_synth_tiny.yaml", [f"model.name={wide}", "objective.lcl.max_images=8"])
+    from clipforge.data.synth import SynthScenes
+
+    generator_counts = [len(json.loads(raw["json"])["images"]) for raw in SynthScenes(image_size=32).documents(0, 40)]
+    assert images_per_document(documents, config) == pytest.approx(sum(generator_counts) / 40)
+    narrow = load_config("configs/lcl_synth_tiny.yaml")  # context 96: about two 18-token blocks fit
+    assert 1.0 <= images_per_document(documents, narrow) < sum(generator_counts) / 40
+
+
+def test_every_reproduction_has_a_help_and_rejects_an_unknown_arm(capsys):
+    from clipforge.cli import main
+
+    for method in ("fineclip", "lcl", "lgvq"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["reproduce", method, "--help"])
+        assert exit_info.value.code == 0
+        assert "--seeds" in capsys.readouterr().out
+    assert main(["reproduce", "lgvq", "--arms", "nope", "--out", "/nonexistent/x", "--train-only"]) == 2
+    assert "unknown arm 'nope'" in capsys.readouterr().err
