@@ -190,3 +190,36 @@ def test_evaluate_run_uses_the_runs_checkpoint_and_settings(tmp_path):
     assert summary["timing"]["images_encoded"] == 48  # base + novel test images, each once for both tasks
     assert load_config(run / "config.yaml").eval.num_eval == 24
     assert "<h2>Retrieval examples</h2>" in write_report(run).read_text(encoding="utf-8")
+
+
+def test_the_comparison_report_has_a_section_per_method_with_every_task(tmp_path):
+    from clipforge.eval.comparison import write_comparison_report
+    from clipforge.eval.report import register_report_section
+    from clipforge.eval.results import write_result
+
+    def run(name: str, records: list[tuple[str, dict]]):
+        folder = tmp_path / name
+        (folder / "eval").mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"steps": 7, "train_time_s": 1.5}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n"
+                                                      for s in (1, 2, 3)))
+        for task, metrics in records:
+            write_result({"dataset": "synthscenes-base", "model": name, "task": task, "clipforge_task": task,
+                          "metrics": metrics, "details": {"marker": f"{name}-{task}"}}, folder / "eval")
+        return folder
+
+    clip = run("clip", [("zeroshot", {"acc1": 0.25})])
+    fine = run("fineclip", [("zeroshot", {"acc1": 0.5})])
+    tokenizer = run("lgvq", [("reconstruction_test", {"psnr": 19.25, "codebook_usage": 87.5, "flag": True})])
+    register_report_section("reconstruction_test",
+                            lambda records: f"<p>section of {records[0]['details']['marker']}</p>")
+    page = write_comparison_report({"CLIP vs FineCLIP": [clip, fine], "LG-VQ": [tokenizer]},
+                                   tmp_path / "report.html", notes={"LG-VQ": "a tokenizer"}).read_text()
+    sections = page.split("<section>")[1:]
+    assert len(sections) == 2 and "CLIP vs FineCLIP" in sections[0] and "LG-VQ" in sections[1]
+    assert "25.00%" in sections[0] and "50.00%" in sections[0] and "psnr" not in sections[0]
+    assert "psnr" in sections[1] and "19.2<" in sections[1] and "87.5<" in sections[1] and "codebook_usage" in sections[1]
+    assert "flag" not in sections[1]  # booleans are not metrics to compare
+    assert "section of lgvq-reconstruction_test" in sections[1] and "a tokenizer" in sections[1]
+    with pytest.raises(DataError, match="not found"):
+        write_comparison_report({"x": [tmp_path / "missing"]}, tmp_path / "r.html")

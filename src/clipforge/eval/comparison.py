@@ -1,8 +1,12 @@
-"""`write_comparison_report(run_dirs, output)`: one self-contained HTML page that puts several runs side by side.
+"""`write_comparison_report(groups, output)`: one self-contained HTML page with a section per method, each putting
+its runs side by side.
 
-It is what `clipforge demo` ends with: the headline metrics of each run in one table (same dataset and task
-per row), the training loss of every run on one plot, a contact sheet of the training data, and links to each
-run's full report (`clipforge report RUN_DIR`). Images are inline base64 PNGs, so the file opens offline.
+It is what `clipforge demo` ends with. Each section (a title and its run folders, e.g. "CLIP vs FineCLIP" with
+two runs, "LCL" with one) has the headline metrics of its runs in one table (same dataset and task per row), the
+training loss of its runs on one plot, the task sections that evaluation tasks register for the report (e.g.
+reconstruction pairs and a codebook-usage histogram), and links to each run's full report (`clipforge report
+RUN_DIR`). A contact sheet of the training data closes the page. Images are inline base64 PNGs, so the file opens
+offline.
 """
 
 from __future__ import annotations
@@ -51,12 +55,27 @@ def _metric_names(task: str, metric: str | None, results: list[dict]) -> list[st
     return list(dict.fromkeys(names))[:4] or HEADLINE_METRICS.get(task, [])[:1]
 
 
+def _numeric_metrics(task: str, results: list[dict]) -> list[str]:
+    """A task outside COMPARED: its headline metrics, else its first numeric ones."""
+    names = []
+    for record in results:
+        if record.get("clipforge_task") == task:
+            names += [k for k, v in record["metrics"].items()
+                      if isinstance(v, int | float) and not isinstance(v, bool) and "ci95" not in k]
+    names = list(dict.fromkeys(names))
+    headline = [n for n in HEADLINE_METRICS.get(task, []) if n in names]
+    return headline or names[:6]
+
+
 def _comparison_rows(runs: dict[str, list[dict]]) -> list[tuple[str, str, str, list[float | None]]]:
     datasets = sorted({r["dataset"] for results in runs.values() for r in results})
+    every = [r for results in runs.values() for r in results]
+    known = {task for task, _ in COMPARED}
+    others = list(dict.fromkeys(r["clipforge_task"] for r in every if r.get("clipforge_task") not in known))
     rows = []
-    for task, metric in COMPARED:
-        every = [r for results in runs.values() for r in results]
-        for name in _metric_names(task, metric, every):
+    for task, metric in [*COMPARED, *((task, None) for task in others)]:
+        names = _metric_names(task, metric, every) if task in known else _numeric_metrics(task, every)
+        for name in names:
             for dataset in datasets:
                 values = []
                 for results in runs.values():
@@ -94,19 +113,24 @@ def _format(value: float | None) -> str:
     return f"{value:.2%}" if abs(value) <= 1 else f"{value:.3g}"
 
 
-def write_comparison_report(run_dirs: list[str | Path], output: str | Path, data_preview: str | Path | None = None,
-                            title: str = "clipforge demo: CLIP vs FineCLIP on SynthScenes") -> Path:
-    """Write one HTML page comparing `run_dirs` (each a training run folder with eval results)."""
-    output = Path(output)
-    run_dirs = [Path(d) for d in run_dirs]
-    missing = [str(d) for d in run_dirs if not d.is_dir()]
-    if missing:
-        raise DataError(f"run folder(s) not found: {', '.join(missing)}")
+def _task_sections(runs: dict[str, list[dict]]) -> list[str]:
+    """The report sections evaluation tasks register (e.g. reconstruction pairs), per run; the per-run report's
+    own sections (confusion matrices, ...) stay in the linked full reports."""
+    from clipforge.eval.report import registered_sections
+
+    parts = []
+    for name, results in runs.items():
+        for title, fragment in registered_sections(results):
+            label = f"{title}: {name}" if len(runs) > 1 else title
+            parts.append(f"<h3>{html.escape(label)}</h3>{fragment}")
+    return parts
+
+
+def _group_section(title: str, run_dirs: list[Path], output: Path, note: str | None) -> list[str]:
     runs = {d.name: read_results(d / "eval") for d in run_dirs}
     logs = {d.name: _read_jsonl(d / "metrics.jsonl") for d in run_dirs}
     summaries = {d.name: json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
                  for d in run_dirs}
-
     head = "".join(f"<th>{html.escape(name)}</th>" for name in runs)
     body_rows = []
     for dataset, task, metric, values in _comparison_rows(runs):
@@ -120,20 +144,39 @@ def write_comparison_report(run_dirs: list[str | Path], output: str | Path, data
                        ("final_loss", "final loss")):
         cells = "".join(f"<td>{_format_number(summaries[name].get(key))}</td>" for name in runs)
         train_rows.append(f"<tr><td colspan=3>{label}</td>{cells}</tr>")
-
-    sections = [f"<h1>{html.escape(title)}</h1>",
-                "<p>Every run trained the same model on the same SynthScenes data for the same number of steps; "
-                "accuracies and recalls on held-out images. The best value of each row is bold. Each run's full "
-                "report (curves, confusion matrices, retrieval examples, few-shot and robustness plots) is linked "
-                "below.</p>",
-                "<ul>" + "".join(f'<li><a href="{html.escape(_relative(d / REPORT_FILE, output.parent))}">'
-                                 f"{html.escape(d.name)}: full report</a></li>" for d in run_dirs) + "</ul>",
-                "<h2>Results</h2>",
-                f"<table><tr><th>dataset</th><th>task</th><th>metric</th>{head}</tr>{''.join(body_rows)}"
-                f"{''.join(train_rows)}</table>"]
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    if note:
+        parts.append(f"<p>{html.escape(note)}</p>")
+    parts += ["<ul>" + "".join(f'<li><a href="{html.escape(_relative(d / REPORT_FILE, output.parent))}">'
+                               f"{html.escape(d.name)}: full report</a></li>" for d in run_dirs) + "</ul>",
+              f"<table><tr><th>dataset</th><th>task</th><th>metric</th>{head}</tr>{''.join(body_rows)}"
+              f"{''.join(train_rows)}</table>"]
     loss = _loss_plot(logs)
     if loss:
-        sections += ["<h2>Training loss</h2>", f'<img src="data:image/png;base64,{loss}" alt="training loss">']
+        parts += ["<h3>Training loss</h3>", f'<img src="data:image/png;base64,{loss}" alt="training loss">']
+    return parts + _task_sections(runs)
+
+
+def write_comparison_report(groups, output: str | Path, data_preview: str | Path | None = None,
+                            title: str = "clipforge demo on SynthScenes",
+                            notes: dict[str, str] | None = None) -> Path:
+    """Write one HTML page with a section per group: `groups` is {section title: [run folders]} (or a plain list
+    of run folders: one section); each run folder holds a training run with eval results. `notes` adds a
+    sentence under a section's title."""
+    output = Path(output)
+    if not isinstance(groups, dict):
+        groups = {"Runs": list(groups)}
+    groups = {name: [Path(d) for d in dirs] for name, dirs in groups.items()}
+    missing = [str(d) for dirs in groups.values() for d in dirs if not d.is_dir()]
+    if missing:
+        raise DataError(f"run folder(s) not found: {', '.join(missing)}")
+    sections = [f"<h1>{html.escape(title)}</h1>",
+                "<p>One section per method. Within a section every run trained the same model on the same "
+                "SynthScenes data for the same number of steps; accuracies and recalls on held-out images. The best "
+                "value of each row is bold. Each run's full report (curves, confusion matrices, retrieval "
+                "examples, few-shot and robustness plots) is linked in its section.</p>"]
+    for name, dirs in groups.items():
+        sections += ["<section>", *_group_section(name, dirs, output, (notes or {}).get(name)), "</section>"]
     if data_preview and Path(data_preview).is_file():
         import base64
 
@@ -141,8 +184,11 @@ def write_comparison_report(run_dirs: list[str | Path], output: str | Path, data
         sections += ["<h2>Training data (SynthScenes), with region boxes and captions</h2>",
                      f'<img class=sheet src="data:image/png;base64,{encoded}" alt="contact sheet">']
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#1f2937}"
+             "section{border-top:2px solid #e5e7eb;margin-top:2em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border-bottom:1px solid #e5e7eb;padding:4px 10px;"
-             "text-align:left}td.best{font-weight:700}img{max-width:100%}img.sheet{max-width:900px}")
+             "text-align:left}td.best{font-weight:700}img{max-width:100%}img.sheet{max-width:900px}"
+             "img.thumb{width:96px;height:96px;image-rendering:pixelated}.cands{display:flex;gap:8px;flex-wrap:wrap}"
+             ".cap{font-size:11px;color:#6b7280}")
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
     output.parent.mkdir(parents=True, exist_ok=True)

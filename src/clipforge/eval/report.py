@@ -60,6 +60,20 @@ def register_report_section(task: str, render: Callable[[list[dict]], str | None
     _EXTRA_SECTIONS[task] = render
 
 
+def registered_sections(results: list[dict]) -> list[tuple[str, str]]:
+    """(title, HTML) of the sections that evaluation tasks registered, for the tasks in `results`."""
+    from clipforge.eval.tasks import available_tasks
+
+    available_tasks()  # imports the optional task modules, which register their sections
+    grouped = _by_task(results)
+    found = []
+    for task, render in _EXTRA_SECTIONS.items():
+        fragment = render(grouped[task]) if task in grouped else None
+        if fragment:
+            found.append((TASK_TITLES.get(task, task), fragment))
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading the run folder
 
