@@ -255,6 +255,7 @@ def results_table(summary: dict):
     from rich.table import Table
 
     from clipforge.eval.report import HEADLINE_METRICS, METRIC_LABELS
+    from clipforge.eval.results import is_fraction
 
     table = Table(title=f"evaluation of {summary['model']} (accuracies and recalls in %)")
     for column, justify in (("dataset", "left"), ("task", "left"), ("metrics", "left")):
@@ -271,7 +272,7 @@ def results_table(summary: dict):
             if task == "fewshot" and name.startswith("fewshot_acc1@"):
                 ci = record["metrics"].get(name.replace("acc1", "ci95"))
                 cells.append(f"{name.split('@')[1]} {100 * value:.1f}{_format_ci(ci)}")
-            elif name == "C" or not isinstance(value, float) or abs(value) > 1:
+            elif not is_fraction(name, value):
                 cells.append(f"{label} {value:.3g}" if isinstance(value, float) else f"{label} {value}")
             elif "effective_robustness" in name:
                 cells.append(f"{label} {100 * value:+.1f}pp")

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from clipforge.errors import DataError
 from clipforge.eval import report_plots as plots
 from clipforge.eval.report import HEADLINE_METRICS, METRIC_LABELS, REPORT_FILE
-from clipforge.eval.results import read_results
+from clipforge.eval.results import is_fraction, read_results
 
 # rows of the comparison table: (task, metric) in this order; a task without an entry shows its first metrics
 COMPARED = [
@@ -107,10 +107,10 @@ def _loss_plot(logs: dict[str, list[dict]]) -> str | None:
     return plots.to_base64_png(figure)
 
 
-def _format(value: float | None) -> str:
+def _format(name: str, value: float | None) -> str:
     if value is None:
         return "–"
-    return f"{value:.2%}" if abs(value) <= 1 else f"{value:.3g}"
+    return f"{value:.2%}" if is_fraction(name, value) else f"{value:.4g}"
 
 
 def _task_sections(runs: dict[str, list[dict]]) -> list[str]:
@@ -136,7 +136,7 @@ def _group_section(title: str, run_dirs: list[Path], output: Path, note: str | N
     for dataset, task, metric, values in _comparison_rows(runs):
         best = max((v for v in values if v is not None), default=None)
         cells = "".join(f"<td{' class=best' if v is not None and v == best and len(values) > 1 else ''}>"
-                        f"{_format(v)}</td>" for v in values)
+                        f"{_format(metric, v)}</td>" for v in values)
         body_rows.append(f"<tr><td>{html.escape(dataset)}</td><td>{html.escape(task)}</td>"
                          f"<td>{html.escape(metric)}</td>{cells}</tr>")
     train_rows = []

@@ -25,7 +25,7 @@ import yaml
 from clipforge import __version__
 from clipforge.errors import DataError
 from clipforge.eval import report_plots as plots
-from clipforge.eval.results import read_results
+from clipforge.eval.results import is_fraction, read_results
 
 REPORT_FILE = "report.html"
 
@@ -126,7 +126,7 @@ def _format(name: str, value) -> str:
         return f"{100 * value:+.1f} pp"
     if "ci95" in name:
         return f"±{100 * value:.1f}"
-    if 0.0 <= value <= 1.0:
+    if is_fraction(name, float(value)):
         return f"{100 * value:.1f}%"
     return f"{value:.4g}"
 

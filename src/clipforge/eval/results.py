@@ -84,6 +84,19 @@ def write_json(payload: dict, path: Path) -> Path:
     return path
 
 
+# metrics that are numbers in their own unit, never a fraction shown in percent (even when they fall in [0, 1])
+_UNIT_METRICS = ("psnr", "ssim", "frechet", "fid", "mse", "l1", "perplexity", "bleu", "cider", "loss", "entropy")
+
+
+def is_fraction(name: str, value) -> bool:
+    """Whether a metric is a fraction to show in percent (accuracies, recalls): a float in [0, 1] whose name is
+    not one of the unit metrics (PSNR, SSIM, Fréchet distance, MSE, BLEU, CIDEr, ...), a time or C."""
+    if not isinstance(value, float) or not 0.0 <= value <= 1.0 or name == "C" or name.endswith("_s"):
+        return False
+    lowered = name.lower()
+    return not any(unit in lowered for unit in _UNIT_METRICS)
+
+
 def write_result(record: dict, eval_dir: str | Path) -> Path:
     name = result_filename(record["model"], record["dataset"], record["clipforge_task"])
     return write_json(record, Path(eval_dir) / name)

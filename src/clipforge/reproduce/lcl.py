@@ -51,8 +51,8 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("linear probe base", "synthscenes-base", "linear_probe", "lp_acc1"),
     ("attentive probe base", "synthscenes-base", "attentive_probe", "acc1"),
     ("attentive probe novel", "synthscenes-novel", "attentive_probe", "acc1"),
-    ("LiT T->I R@1", "synthscenes-base", "lit_retrieval", "image_retrieval_recall@1"),
-    ("LiT I->T R@1", "synthscenes-base", "lit_retrieval", "text_retrieval_recall@1"),
+    ("LiT T->I R@1", "synthscenes-base", "lit_retrieval", "lit_image_retrieval_recall@1"),
+    ("LiT I->T R@1", "synthscenes-base", "lit_retrieval", "lit_text_retrieval_recall@1"),
     ("caption BLEU-4", "synthscenes-base", "captioning", "bleu4"),
     ("caption CIDEr", "synthscenes-base", "captioning", "cider"),
 )
