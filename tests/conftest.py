@@ -8,6 +8,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import pytest  # noqa: E402  (the environment above is set before anything imports torch)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads_restored():
+    """A test module must leave torch's thread count as it found it: the reliability tests compare in-process runs
+    with subprocesses started with OMP_NUM_THREADS, and one leaked set_num_threads(1) made them differ."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    assert after == before, f"this test module left torch at {after} threads (it found {before})"
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: the same in this process and in the subprocesses a test starts (exact resume)."""

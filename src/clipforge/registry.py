@@ -80,6 +80,8 @@ FAMILIES = Registry("model family", "model.family", {
     "toy": "clipforge.models.toy:build_toy",
     "vq": "clipforge.models.vq:build_vq",
     "lcl": "clipforge.models.lcl:build_lcl",
+    "lit": "clipforge.models.lit:build_lit",
+    "code_prior": "clipforge.models.code_prior:build_code_prior",
 })
 
 OBJECTIVES = Registry("objective", "objective.name", {
@@ -91,6 +93,7 @@ OBJECTIVES = Registry("objective", "objective.name", {
     "vq": "clipforge.objectives.vq:VqObjective",
     "lgvq": "clipforge.objectives.lgvq:LgvqObjective",
     "lcl": "clipforge.objectives.lcl:LclObjective",
+    "code_ar": "clipforge.objectives.code_ar:CodeArObjective",
 })
 
 # task name -> the module whose import registers it (clipforge.eval.tasks.register_task)
@@ -101,4 +104,10 @@ EVAL_TASKS = Registry("evaluation task", "eval.tasks", {
     "fewshot": "clipforge.eval.tasks:",
     "robustness": "clipforge.eval.tasks:",
     "regions": "clipforge.eval.regions:",
+    "lit_retrieval": "clipforge.eval.lit:",
+    "attentive_probe": "clipforge.eval.frozen_transfer:",
+    "captioning": "clipforge.eval.frozen_transfer:",
+    "reconstruction": "clipforge.eval.codes:",
+    "code_semantics": "clipforge.eval.code_probes:",
+    "text_to_image": "clipforge.eval.generation:",
 })

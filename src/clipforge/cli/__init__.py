@@ -14,7 +14,7 @@ from clipforge import __version__
 from clipforge.errors import ClipforgeError
 
 # subcommand modules, in the order `--help` lists them
-SUBCOMMANDS = ["data", "train", "eval", "export", "report", "demo", "reproduce"]
+SUBCOMMANDS = ["data", "augment", "train", "eval", "export", "report", "demo", "reproduce", "tokenize"]
 
 
 def build_parser() -> argparse.ArgumentParser:
