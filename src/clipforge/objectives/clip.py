@@ -28,6 +28,7 @@ def clamp_logit_scale(model: nn.Module) -> None:
 class ClipObjective(Objective):
     batch_type = ImageTextBatch
     name = "clip"
+    families = ("clip", "lit")  # lit: a locked image encoder with a trained pool, projection and text tower
 
     def __init__(self, local_loss: bool = True, gather_with_grad: bool = True):
         super().__init__()
