@@ -2,8 +2,9 @@
 
 An `EvalDataset` is a list of images with whatever annotations the source has: class labels and names
 (classification, linear probe, few-shot), several captions per image (retrieval), captioned boxes (region
-tasks), a paired labelled training set (linear probe, robustness baseline) and shifted renderings of the same
-items (robustness). Tasks ask for what they need; the suite skips a task whose needs a dataset lacks.
+tasks), a paired labelled training set (linear probe, robustness baseline), shifted renderings of the same
+items (robustness) and SynthScenes' scene annotations: objects and relations (code probes). Tasks ask for
+what they need; the suite skips a task whose needs a dataset lacks.
 
 Sources: SynthScenes (generated in memory, every variant, base and novel classes; see `synth_eval_datasets`),
 ImageFolder, CSV and webdataset shards (clipforge.eval.file_datasets). `load_eval_datasets(spec)` picks one.
@@ -94,6 +95,7 @@ class EvalDataset:
     train: EvalDataset | None = None  # labelled training images of the same classes
     variants: dict[str, EvalDataset] = field(default_factory=dict)  # same items, shifted rendering
     info: dict = field(default_factory=dict)  # provenance (source, split, seed, variant, ...)
+    scenes: list[dict] | None = None  # [N] SynthScenes annotations {"objects": [...], "relations": [...]}
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -101,7 +103,7 @@ class EvalDataset:
             raise DataError(f"dataset '{self.name}' has no images")
         if self.keys is None:
             self.keys = [str(i) for i in range(n)]
-        for what in ("keys", "labels", "captions", "regions"):
+        for what in ("keys", "labels", "captions", "regions", "scenes"):
             values = getattr(self, what)
             if values is not None and len(values) != n:
                 raise DataError(f"dataset '{self.name}': {len(values)} {what} for {n} images")
@@ -150,7 +152,7 @@ def _records_to_dataset(
     name: str, records: list[dict], label_map: dict[int, int] | None, classnames: list[str], info: dict
 ) -> EvalDataset:
     """Records (webdataset dicts from SynthScenes) -> EvalDataset; `label_map` maps global -> local labels."""
-    blobs, keys, labels, captions, regions = [], [], [], [], []
+    blobs, keys, labels, captions, regions, scenes = [], [], [], [], [], []
     for record in records:
         meta = json.loads(record["json"])
         blobs.append(record["png"])
@@ -163,8 +165,9 @@ def _records_to_dataset(
         labels.append(label)
         captions.append(list(meta.get("captions") or [meta["caption"]]))
         regions.append(list(meta.get("regions") or []))
+        scenes.append({"objects": meta.get("objects") or [], "relations": meta.get("relations") or []})
     return EvalDataset(name=name, images=EncodedImages(blobs, keys), keys=keys, labels=labels,
-                       classnames=classnames, captions=captions, regions=regions, info=info)
+                       classnames=classnames, captions=captions, regions=regions, info=info, scenes=scenes)
 
 
 def _generate(generator, start: int, stop: int, variant: str, stage: str, progress: ProgressFn | None) -> list:

@@ -3,8 +3,11 @@
     d^2 = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))
 
 The feature extractor is the caller's and must be stated next to the number: clipforge reports it with the
-image tower of a clipforge CLIP run (Inception weights are not downloaded). Computed in float64; the matrix
-square root is scipy's, and a small imaginary part from round-off is dropped, as torchmetrics and pytorch-fid do.
+image tower of a clipforge CLIP run (Inception weights are not downloaded). Computed in float64. Only the trace
+of the matrix square root is needed: it is the sum of the square roots of the eigenvalues of S_a S_b (real and
+non-negative for covariances; an imaginary part or a negative eigenvalue from round-off is dropped), as
+torchmetrics computes it. scipy's sqrtm is not used: its return type changed (scipy 1.17 returns a bare array
+for 1x1 matrices and deprecates `disp`).
 """
 
 from __future__ import annotations
@@ -23,20 +26,15 @@ def gaussian_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray
 
 
 def frechet_distance_from_statistics(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray,
-                                     sigma_b: np.ndarray, eps: float = 1e-6) -> float:
-    from scipy import linalg
-
+                                     sigma_b: np.ndarray) -> float:
     mu_a, mu_b = np.atleast_1d(mu_a), np.atleast_1d(mu_b)
     sigma_a, sigma_b = np.atleast_2d(sigma_a), np.atleast_2d(sigma_b)
     if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
         raise ValueError(f"Fréchet distance of features of different sizes: {mu_a.shape} vs {mu_b.shape}")
-    root, _ = linalg.sqrtm(sigma_a @ sigma_b, disp=False)
-    if not np.isfinite(root).all():  # singular product: offset both diagonals, as pytorch-fid does
-        offset = np.eye(sigma_a.shape[0]) * eps
-        root = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    root = root.real
+    eigenvalues = np.linalg.eigvals(sigma_a @ sigma_b).astype(np.complex128)
+    trace_root = float(np.sqrt(eigenvalues).real.sum())  # Tr((S_a S_b)^(1/2))
     difference = mu_a - mu_b
-    return float(difference @ difference + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(root))
+    return float(difference @ difference + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root)
 
 
 def frechet_distance(features_a, features_b) -> float:
