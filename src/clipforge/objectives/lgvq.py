@@ -225,7 +225,8 @@ class LgvqObjective(VqObjective):
                         features: torch.Tensor) -> tuple[dict, dict]:
         """ids, words [N, L] (captioned rows only); features [N, D, h, w] quantised, after straight-through."""
         language = self.language
-        text = prior(ids)  # frozen, no gradient
+        # the prior's pass over the unmasked caption feeds L_gsa and L_ras only (L_mtp reads the masked caption)
+        text = prior(ids) if self.global_projection is not None or self.relation is not None else None  # frozen
         code_tokens = self.code_encoder(features)  # [N, 1+hw, Dt]
         losses, metrics = {}, {}
         if self.global_projection is not None:
