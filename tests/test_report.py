@@ -224,3 +224,38 @@ def test_the_comparison_report_has_a_section_per_method_with_every_task(tmp_path
     assert "section of lgvq-reconstruction_test" in sections[1] and "a tokenizer" in sections[1]
     with pytest.raises(DataError, match="not found"):
         write_comparison_report({"x": [tmp_path / "missing"]}, tmp_path / "r.html")
+
+
+def test_tokenizer_generation_and_captioning_sections_show_their_examples():
+    from clipforge.eval.report_sections import (
+        captioning_section,
+        reconstruction_section,
+        text_to_image_section,
+        usage_histogram_png,
+        usage_title,
+    )
+    from clipforge.eval.results import thumbnail_png_base64
+
+    def png(colour) -> str:
+        return thumbnail_png_base64(Image.new("RGB", (8, 8), colour))
+
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    record = {"dataset": "synthscenes-base", "details": {"code_histogram": [5, 0, 3, 0]},
+              "_examples": {"pairs": [{"image": 0, "key": "k0", "original_png_base64": red,
+                                       "reconstruction_png_base64": blue}]}}
+    fragment = reconstruction_section([record])
+    assert red in fragment and blue in fragment and fragment.index(red) < fragment.index(blue)
+    assert reconstruction_section([{"dataset": "x"}]) is None
+    histogram = Image.open(io.BytesIO(base64.b64decode(usage_histogram_png([5, 0, 3, 0], "d"))))
+    assert histogram.size[0] > 100 and usage_title([5, 0, 3, 0], "d") == "d: 2 of 4 codes used"
+
+    t2i = {"dataset": "synthscenes-base", "metrics": {"t2i_acc1": 0.25, "real_acc1": 0.75},
+           "_examples": {"grids_png_base64": {"a red circle.": red}}}
+    fragment = text_to_image_section([t2i])
+    assert "a red circle." in fragment and red in fragment and "25.0%" in fragment and "75.0%" in fragment
+
+    captions = {"dataset": "synthscenes-base", "_examples": {
+        "captions": [{"image": 3, "key": "k3", "generated": "a <red> square", "references": ["a red square"]}],
+        "thumbnails_png_base64": {"3": blue}}}
+    fragment = captioning_section([captions])
+    assert "a &lt;red&gt; square" in fragment and "a red square" in fragment and blue in fragment

@@ -32,6 +32,8 @@ REPORT_FILE = "report.html"
 TASK_TITLES = {
     "zeroshot": "Zero-shot classification", "retrieval": "Retrieval", "linear_probe": "Linear probe",
     "fewshot": "Few-shot classification", "robustness": "Robustness to distribution shift",
+    "reconstruction": "Reconstruction and codebook usage", "text_to_image": "Text-to-image samples",
+    "captioning": "Captioning examples",
 }
 HEADLINE_METRICS = {
     "zeroshot": ["acc1", "acc5", "mean_per_class_recall"],
@@ -60,11 +62,16 @@ def register_report_section(task: str, render: Callable[[list[dict]], str | None
     _EXTRA_SECTIONS[task] = render
 
 
+def _load_sections() -> None:
+    import clipforge.eval.report_sections  # noqa: F401  registers the tokenizer / generation / captioning sections
+
+
 def registered_sections(results: list[dict]) -> list[tuple[str, str]]:
     """(title, HTML) of the sections that evaluation tasks registered, for the tasks in `results`."""
     from clipforge.eval.tasks import available_tasks
 
-    available_tasks()  # imports the optional task modules, which register their sections
+    available_tasks()  # imports the optional task modules, which may register their sections
+    _load_sections()
     grouped = _by_task(results)
     found = []
     for task, render in _EXTRA_SECTIONS.items():
@@ -336,6 +343,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         parts = [_image(c, "training curves") for c in (curves, evals) if c]
         body.append("<section><h2>Training</h2>" + "".join(parts) + "</section>")
     grouped = _by_task(results)
+    _load_sections()
     for task, title, render in SECTIONS + [(t, TASK_TITLES.get(t, t), r) for t, r in _EXTRA_SECTIONS.items()]:
         if task in grouped:
             fragment = render(grouped[task])
