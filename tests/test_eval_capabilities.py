@@ -314,3 +314,20 @@ def test_fewshot_metrics_need_no_text_and_nan_is_never_a_ci():
     summary = run_suite(ImageOnlyModel(table), preprocess, None, config, dataset)
     metrics = summary["results"][0]["metrics"]
     assert metrics["fewshot_ci95@3way1shot"] is None and not math.isnan(metrics["fewshot_acc1@3way1shot"])
+
+
+def test_eval_settings_from_the_command_line_are_checked_like_config_keys(capsys):
+    assert main(["eval", "--model", "clipforge-vit-micro", "--set", "feature_rn=runs/x", "--no-progress"]) == 2
+    assert "key 'eval.feature_rn' is unknown; did you mean 'eval.feature_run'?" in capsys.readouterr().err
+    assert main(["eval", "--model", "clipforge-vit-micro", "--set", "eval.lit_steps=0", "--no-progress"]) == 2
+    assert "eval.lit_steps" in capsys.readouterr().err
+
+
+def test_eval_settings_from_the_command_line_reach_the_evaluation(tmp_path):
+    from clipforge.cli import build_parser
+    from clipforge.cli.eval import _settings
+
+    args = build_parser().parse_args(["eval", "--model", "clipforge-vit-micro", "--out", str(tmp_path / "out"),
+                                      "--set", "lit_steps=7", "eval.feature_run=runs/judge"])
+    config = _settings(args)["config"]
+    assert config.lit_steps == 7 and config.feature_run == "runs/judge"

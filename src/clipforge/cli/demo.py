@@ -71,7 +71,8 @@ def _method_steps(out: Path, configs: Path, methods: list[str], quick: bool) -> 
         steps += [
             ("train LG-VQ", ["train", str(configs / "lgvq_synth_tiny.yaml"), f"output_dir={out / 'lgvq'}", *size,
                              "--overwrite"]),
-            ("evaluate LG-VQ", ["eval", str(out / "lgvq"), "--tasks", *LGVQ_TASKS, *evaluation]),
+            ("evaluate LG-VQ", ["eval", str(out / "lgvq"), "--tasks", *LGVQ_TASKS, *evaluation,
+                                *(["--set", f"feature_run={out / 'clip'}"] if "clip" in methods else [])]),
         ]
     return steps
 

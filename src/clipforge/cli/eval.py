@@ -46,6 +46,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dataset", action="append", default=None, metavar="synth|PATH",
                         help="dataset to evaluate on (repeatable; default: a run's own (SynthScenes like its "
                              "training data, or its data.val), else synth)")
+    parser.add_argument("--set", dest="settings", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="any eval setting, checked like a config key (e.g. feature_run=runs/clip_synth_tiny "
+                             "for the Fréchet distance and the text-to-image judge, lit_steps=300, probe_steps=100)")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                         help=f"tasks to run (default: the config's eval.tasks, each on the datasets that support "
                              f"it); choices: {', '.join(available_tasks())}")
@@ -168,10 +171,12 @@ def _settings(args) -> dict:
                           f"model); pick other weights with --checkpoint")
     if run_dir is not None and not is_run and args.model is None:
         raise ConfigError(f"'{run_dir}' has no config.yaml; give --model NAME to evaluate the weights in it")
-    experiment = load_config(run_dir / "config.yaml") if is_run else None
+    settings = [item if item.startswith("eval.") else f"eval.{item}" for item in (args.settings or [])]
+    experiment = load_config(run_dir / "config.yaml", settings) if is_run else None
     if experiment is not None:
         run_dataset_specs(run_dir, experiment.data, args.dataset)  # a run with nothing to evaluate on: say so now
-    eval_config = dataclasses.replace(experiment.eval) if experiment else EvalConfig()
+    eval_config = dataclasses.replace(experiment.eval) if experiment else \
+        (load_config(None, settings).eval if settings else EvalConfig())
     overrides = {"tasks": args.tasks, "templates": args.templates, "num_eval": args.num_eval,
                  "batch_size": args.batch_size, "fewshot_ways": args.ways, "fewshot_shots": args.shots,
                  "fewshot_episodes": args.episodes, "seed": args.seed}
