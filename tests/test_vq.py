@@ -169,7 +169,7 @@ def test_a_trained_tiny_tokenizer_beats_the_mean_image(trained_run, tiny_shards)
     assert logged and {"perplexity", "psnr", "loss/commitment", "loss/reconstruction"} <= set(logged[-1])
 
 
-def test_the_discriminator_phase_resumes_bit_identical(tmp_path, tiny_shards):
+def test_the_discriminator_phase_resumes_bit_identical(tmp_path, tiny_shards, one_thread):
     """SIGKILL after step 3 of 6 with the discriminator active from step 1: both phases' weights, Adam moments
     and the objective's state equal those of an uninterrupted run."""
     from clipforge.engine.loop import train
@@ -180,8 +180,7 @@ def test_the_discriminator_phase_resumes_bit_identical(tmp_path, tiny_shards):
     process = subprocess.run([sys.executable, str(KILLER), str(killed), "3"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
     assert process.returncode == -9, process.stderr[-2000:]
-    torch.set_num_threads(1)
-    train(load_config(killed), resume="latest")
+    train(load_config(killed), resume="latest")  # one thread (the one_thread fixture), as the killed child
     reference = train(load_config(run_config(tmp_path, tiny_shards, "straight", 6, objective=discriminator,
                                              save_every_steps=3)))
 

@@ -46,10 +46,37 @@ ARMS: tuple[Arm, ...] = (
     Arm("fsq_lg", "FSQ + LG (all three)", "lgvq", _FSQ),
 )
 
-# (column title, dataset, task, metric); filled in by the evaluation tasks' metric names
-COLUMNS: tuple[tuple[str, str, str, str], ...] = ()
-EVAL_TASKS: list[str] = []
-FORMATS: dict = {}
+T2I_ARMS = ("vq", "lgvq")  # a text-to-image prior is trained over these arms' tokenizers (same steps each)
+
+# (column title, task, metric) on synthscenes-base
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("PSNR dB", "reconstruction", "psnr"),
+    ("SSIM", "reconstruction", "ssim"),
+    ("rFD", "reconstruction", "frechet_distance"),
+    ("usage %", "reconstruction", "codebook_usage"),
+    ("perplexity", "reconstruction", "perplexity"),
+    ("colour", "code_semantics", "color_accuracy"),
+    ("shape", "code_semantics", "shape_accuracy"),
+    ("count", "code_semantics", "count_accuracy"),
+    ("left of", "code_semantics", "left_of_accuracy"),
+    ("T->I R@1", "code_semantics", "image_retrieval_recall@1"),
+    ("masked-word R@1", "code_semantics", "masked_word_recall@1"),
+    ("masked attribute-word R@1", "code_semantics", "masked_word_recall@1_visual"),
+    ("code-word MSE", "code_semantics", "code_word_similarity_mse"),
+)
+T2I_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("t2i judge top-1", "text_to_image", "t2i_acc1"),
+    ("t2i FD", "text_to_image", "frechet_distance"),
+)
+EVAL_TASKS = ["reconstruction", "code_semantics"]
+
+
+def _number(digits: int):
+    return lambda mean, std: f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+FORMATS = {"PSNR dB": _number(2), "SSIM": _number(3), "rFD": _number(3), "usage %": _number(1),
+           "perplexity": _number(1), "code-word MSE": _number(4), "t2i FD": _number(3)}
 
 
 def judge_config(out_dir: Path, config_dir: Path, extra: Sequence[str] = ()):
@@ -71,23 +98,29 @@ def run_configs(arms: Sequence[Arm], seeds: Sequence[int], out_dir: Path, config
     return configs
 
 
-def evaluate(config, datasets, eval_config: EvalConfig, progress: ProgressFn) -> dict:
+def prior_config(tokenizer_run: Path, seed: int, out_dir: Path, config_dir: Path):
+    """The text-to-image prior over one tokenizer run: configs/code_prior_synth_tiny.yaml as it is."""
+    name = f"prior_{tokenizer_run.name}"
+    return load_config(config_dir / "code_prior_synth_tiny.yaml",
+                       [f"objective.code_ar.tokenizer={tokenizer_run}", f"seed={seed}", f"name={name}",
+                        f"output_dir={out_dir / name}", "train.progress=false", "eval.at_end=false"])
+
+
+def evaluate(run_dir: Path, name: str, datasets, eval_config: EvalConfig, columns, progress: ProgressFn) -> dict:
+    """{column title: value} of one run's final weights on synthscenes-base (cached in the run folder)."""
     from clipforge.eval.suite import run_suite
     from clipforge.models.factory import load_model
 
-    run_dir = config.run_dir
-
     def compute() -> dict:
-        progress(f"{config.name}: evaluating")
+        progress(f"{name}: evaluating ({', '.join(eval_config.tasks)})")
         model, preprocess, tokenizer = load_model(None, checkpoint=run_dir)
         suite = run_suite(model, preprocess, tokenizer, eval_config, datasets, out_dir=run_dir / "reproduce_eval",
-                          model_name=config.name)
-        found = {(r["dataset"], r["clipforge_task"]): r["metrics"] for r in suite["results"]}
-        return {title: found.get((dataset, task), {}).get(metric, math.nan)
-                for title, dataset, task, metric in COLUMNS}
+                          model_name=name)
+        found = {r["clipforge_task"]: r["metrics"] for r in suite["results"]}
+        return {title: found.get(task, {}).get(metric, math.nan) for title, task, metric in columns}
 
-    key = {"tasks": list(eval_config.tasks), "num_eval": eval_config.num_eval,
-           "columns": [c[0] for c in COLUMNS]}
+    key = {"tasks": list(eval_config.tasks), "num_eval": eval_config.num_eval, "columns": [c[0] for c in columns],
+           "feature_run": eval_config.feature_run}
     return common.cached_evaluation(run_dir, "reproduce_eval", key, compute, progress)
 
 
@@ -114,13 +147,22 @@ def reproduce_lgvq(out_dir: str | Path = "runs/reproduce_lgvq", *, seeds: Sequen
         datasets = synth_eval_datasets(num_eval=num_eval, num_train=num_eval, image_size=synth.image_size,
                                        seed=synth.seed, omit_fraction=synth.omit_fraction, variants=[],
                                        groups=("base",))
-        eval_config = EvalConfig(tasks=EVAL_TASKS, num_eval=num_eval, batch_size=first.eval.batch_size)
+        judge_run = str(judge.run_dir)
+        eval_config = EvalConfig(tasks=EVAL_TASKS, num_eval=num_eval, batch_size=first.eval.batch_size,
+                                 feature_run=judge_run)
+        t2i_config = EvalConfig(tasks=["text_to_image"], num_eval=num_eval, batch_size=first.eval.batch_size,
+                                feature_run=judge_run)
         for (arm_key, seed), config in configs.items():
-            metrics = evaluate(config, datasets, eval_config, progress)
+            metrics = evaluate(config.run_dir, config.name, datasets, eval_config, COLUMNS, progress)
+            if arm_key in T2I_ARMS:
+                prior = prior_config(config.run_dir, seed, out_dir, config_dir)
+                common.train_once(prior, progress)
+                metrics.update(evaluate(prior.run_dir, prior.name, datasets, t2i_config, T2I_COLUMNS, progress))
             summary = summaries[(arm_key, seed)]
             results.setdefault(arm_key, []).append({"seed": seed, **metrics, "steps": summary.get("steps"),
                                                     "train_time_s": summary.get("train_time_s")})
-    table = common.results_table(ARMS, results, [title for title, *_ in COLUMNS], FORMATS)
+    titles = [title for title, *_ in (*COLUMNS, *T2I_COLUMNS)]
+    table = common.results_table(ARMS, results, titles, FORMATS)
     payload = {"results": results, "table": table, "seeds": list(seeds), "overrides": list(overrides),
                "num_eval": num_eval, "steps": {k: v[0].get("steps") for k, v in results.items()}}
     common.write_payload(out_dir, payload)
