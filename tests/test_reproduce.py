@@ -105,3 +105,12 @@ def test_every_reproduction_has_a_help_and_rejects_an_unknown_arm(capsys):
         assert "--seeds" in capsys.readouterr().out
     assert main(["reproduce", "lgvq", "--arms", "nope", "--out", "/nonexistent/x", "--train-only"]) == 2
     assert "unknown arm 'nope'" in capsys.readouterr().err
+
+
+def test_the_end_of_training_is_the_mean_of_the_last_records_that_have_the_metric(tmp_path):
+    rows = [{"step": 10, "acc": 0.1}, {"step": 20, "acc": 0.2, "other": 5}, {"step": 30, "acc": 0.4},
+            {"event": "eval", "step": 30, "acc": 0.9}, {"step": 40, "acc": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut by a cra')
+    ended = common.final_logged(tmp_path, ["acc", "other", "missing"], last=3)
+    assert ended["acc"] == pytest.approx((0.2 + 0.4 + 0.6) / 3) and ended["other"] == 5
+    assert ended["missing"] != ended["missing"]  # NaN

@@ -147,7 +147,9 @@ def run_lcl(args) -> int:
                    f"{', '.join(map(str, args.seeds))}; LCL arms {budget['lcl_steps']} steps of "
                    f"{budget['documents_per_step']} documents, {budget['images_seen']:.0f} images seen; CLIP "
                    f"{budget['clip_steps']} steps of {budget['clip_batch']} pairs; per-run numbers in "
-                   f"{args.out}/results.json).\n\n{payload['table']}\n")
+                   f"{args.out}/results.json).\n\n{payload['table']}\n\nHow far each term had trained (the runs' "
+                   f"metrics.jsonl, mean of the last 3 records; in-batch accuracy in %):\n\n"
+                   f"{payload['training_table']}\n")
         write_results_section(Path(args.results), section)
         console.print(f"table written to {args.results}")
     return 0

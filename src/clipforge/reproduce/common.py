@@ -72,6 +72,26 @@ def cached_evaluation(run_dir: Path, name: str, key: dict, compute: Callable[[],
     return metrics
 
 
+def final_logged(run_dir: Path, names: Sequence[str], last: int = 3) -> dict[str, float]:
+    """The mean of each metric over the last `last` records of metrics.jsonl that have it (NaN when none do): how
+    far each term had trained at the end."""
+    rows = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("event") != "eval":
+                rows.append(row)
+    found = {}
+    for name in names:
+        values = [row[name] for row in rows if isinstance(row.get(name), int | float)][-last:]
+        found[name] = statistics.fmean(values) if values else math.nan
+    return found
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:

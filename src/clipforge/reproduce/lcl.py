@@ -59,6 +59,10 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
 EVAL_TASKS = ["zeroshot", "linear_probe", "attentive_probe"]  # on the base and the novel classes
 BASE_ONLY_TASKS = ["lit_retrieval", "captioning"]  # the two that train a text side: on the base classes only
 NOT_PERCENT = {"caption CIDEr": lambda mean, std: f"{mean:.3f} +- {std:.3f}"}
+# how far each term had trained: metrics.jsonl at the end (mean of the last 3 records, every 10 steps)
+TRAINING_COLUMNS = (("end i2t acc", "i2t_acc"), ("end next-token acc", "next_token_acc"),
+                    ("end contrastive pairs", "contrastive_pairs"))
+TRAINING_FORMATS = {"end contrastive pairs": lambda mean, std: f"{mean:.1f} +- {std:.1f}"}
 
 
 def prepare_data(out_dir: Path, image_size: int, progress: ProgressFn) -> tuple[Path, Path]:
@@ -178,10 +182,13 @@ def reproduce_lcl(out_dir: str | Path = "runs/reproduce_lcl", *, seeds: Sequence
         for (arm_key, seed), config in configs.items():
             metrics = evaluate(config, datasets, eval_config, progress)
             summary = summaries[(arm_key, seed)]
-            results.setdefault(arm_key, []).append({"seed": seed, **metrics, "steps": summary.get("steps"),
+            ended = common.final_logged(config.run_dir, [name for _, name in TRAINING_COLUMNS])
+            ended = {title: ended[name] for title, name in TRAINING_COLUMNS}
+            results.setdefault(arm_key, []).append({"seed": seed, **metrics, **ended, "steps": summary.get("steps"),
                                                     "train_time_s": summary.get("train_time_s")})
     table = common.results_table(ARMS, results, [title for title, *_ in COLUMNS], NOT_PERCENT)
-    payload = {"results": results, "table": table, "budget": budget, "seeds": list(seeds),
+    training = common.results_table(ARMS, results, [title for title, _ in TRAINING_COLUMNS], TRAINING_FORMATS)
+    payload = {"results": results, "table": table, "training_table": training, "budget": budget, "seeds": list(seeds),
                "overrides": list(overrides), "num_eval": num_eval}
     common.write_payload(out_dir, payload)
     return payload
