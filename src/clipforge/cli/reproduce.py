@@ -171,7 +171,8 @@ def run_lgvq(args) -> int:
     if args.results:
         section = (f"### LG-VQ vs VQ on SynthScenes\n\nProduced by `{_command('lgvq')}` (seeds "
                    f"{', '.join(map(str, args.seeds))}; per-run numbers in {args.out}/results.json).\n\n"
-                   f"{payload['table']}\n")
+                   f"{payload['table']}\n\nHow far each term had trained (the runs' metrics.jsonl, mean of the last "
+                   f"3 records; accuracies in %):\n\n{payload['training_table']}\n")
         write_results_section(Path(args.results), section)
         console.print(f"table written to {args.results}")
     return 0

@@ -69,13 +69,16 @@ T2I_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("t2i FD", "text_to_image", "frechet_distance"),
 )
 EVAL_TASKS = ["reconstruction", "code_semantics"]
+# how far each language term had trained: metrics.jsonl at the end (mean of the last 3 records, every 10 steps)
+TRAINING_COLUMNS = (("end gsa acc", "gsa_accuracy"), ("end mtp acc", "mtp_accuracy"),
+                    ("end train usage %", "codebook_usage"), ("end train PSNR", "psnr"))
 
 
 def _number(digits: int):
     return lambda mean, std: f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
-FORMATS = {"PSNR dB": _number(2), "SSIM": _number(3), "rFD": _number(3), "usage %": _number(1),
+FORMATS = {"end train usage %": _number(1), "end train PSNR": _number(2), "PSNR dB": _number(2), "SSIM": _number(3), "rFD": _number(3), "usage %": _number(1),
            "perplexity": _number(1), "code-word MSE": _number(4), "t2i FD": _number(3)}
 
 
@@ -159,11 +162,14 @@ def reproduce_lgvq(out_dir: str | Path = "runs/reproduce_lgvq", *, seeds: Sequen
                 common.train_once(prior, progress)
                 metrics.update(evaluate(prior.run_dir, prior.name, datasets, t2i_config, T2I_COLUMNS, progress))
             summary = summaries[(arm_key, seed)]
-            results.setdefault(arm_key, []).append({"seed": seed, **metrics, "steps": summary.get("steps"),
+            ended = common.final_logged(config.run_dir, [name for _, name in TRAINING_COLUMNS])
+            ended = {title: ended[name] for title, name in TRAINING_COLUMNS}
+            results.setdefault(arm_key, []).append({"seed": seed, **metrics, **ended, "steps": summary.get("steps"),
                                                     "train_time_s": summary.get("train_time_s")})
     titles = [title for title, *_ in (*COLUMNS, *T2I_COLUMNS)]
     table = common.results_table(ARMS, results, titles, FORMATS)
-    payload = {"results": results, "table": table, "seeds": list(seeds), "overrides": list(overrides),
+    training = common.results_table(ARMS, results, [title for title, _ in TRAINING_COLUMNS], FORMATS)
+    payload = {"results": results, "table": table, "training_table": training, "seeds": list(seeds), "overrides": list(overrides),
                "num_eval": num_eval, "steps": {k: v[0].get("steps") for k, v in results.items()}}
     common.write_payload(out_dir, payload)
     return payload
