@@ -114,3 +114,13 @@ def test_the_end_of_training_is_the_mean_of_the_last_records_that_have_the_metri
     ended = common.final_logged(tmp_path, ["acc", "other", "missing"], last=3)
     assert ended["acc"] == pytest.approx((0.2 + 0.4 + 0.6) / 3) and ended["other"] == 5
     assert ended["missing"] != ended["missing"]  # NaN
+
+
+def test_arms_may_run_fewer_seeds_and_the_plan_goes_seed_by_seed():
+    arms = [common.Arm("a", "A", "x"), common.Arm("sweep", "S", "x")]
+    arm_seeds = common.parse_arm_seeds(["sweep=0"], arms)
+    plan = [(arm.key, seed) for arm, seed in common.seed_plan(arms, [0, 1, 2], arm_seeds)]
+    assert plan == [("a", 0), ("sweep", 0), ("a", 1), ("a", 2)]
+    for bad in (["nope=0"], ["sweep=x"], ["sweep="]):
+        with pytest.raises(ConfigError):
+            common.parse_arm_seeds(bad, arms)

@@ -53,6 +53,8 @@ def add_parser(subparsers) -> None:
     lcl.add_argument("--out", default="runs/reproduce_lcl", help="folder for the data, runs and results.json")
     lcl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     lcl.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
+    lcl.add_argument("--arm-seeds", nargs="+", default=None, metavar="ARM=S[,S]",
+                     help="arms that run other seeds than --seeds (e.g. a sweep arm on seed 0 only: wcon_1=0)")
     lcl.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
                      help="config overrides applied to every run alike")
     lcl.add_argument("--num-eval", type=int, default=500, help="held-out scenes per evaluation split (and train split "
@@ -79,6 +81,8 @@ def add_parser(subparsers) -> None:
     lgvq.add_argument("--out", default="runs/reproduce_lgvq", help="folder for the runs and results.json")
     lgvq.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     lgvq.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
+    lgvq.add_argument("--arm-seeds", nargs="+", default=None, metavar="ARM=S[,S]",
+                     help="arms that run other seeds than --seeds (e.g. a sweep arm on seed 0 only: wcon_1=0)")
     lgvq.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
                       help="config overrides applied to every tokenizer run alike")
     lgvq.add_argument("--num-eval", type=int, default=500, help="held-out scenes (and probe training scenes)")
@@ -134,9 +138,12 @@ def run_lcl(args) -> int:
     from clipforge.reproduce.lcl import reproduce_lcl, write_results_section
 
     console, progress = _progress()
+    from clipforge.reproduce.common import parse_arm_seeds
+    from clipforge.reproduce.lcl import ARMS
+
     payload = reproduce_lcl(args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides,
                             num_eval=args.num_eval, config_dir=args.configs, train_only=args.train_only,
-                            progress=progress)
+                            arm_seeds=parse_arm_seeds(args.arm_seeds, ARMS), progress=progress)
     if args.train_only:
         console.print("trained; run again without --train-only to evaluate")
         return 0
@@ -144,7 +151,7 @@ def run_lcl(args) -> int:
     if args.results:
         budget = payload["budget"]
         section = (f"### LCL vs CLIP on SynthScenes documents\n\nProduced by `{_command('lcl')}` (seeds "
-                   f"{', '.join(map(str, args.seeds))}; LCL arms {budget['lcl_steps']} steps of "
+                   f"{', '.join(map(str, args.seeds))} unless --arm-seeds says otherwise; LCL arms {budget['lcl_steps']} steps of "
                    f"{budget['documents_per_step']} documents, {budget['images_seen']:.0f} images seen; CLIP "
                    f"{budget['clip_steps']} steps of {budget['clip_batch']} pairs; per-run numbers in "
                    f"{args.out}/results.json).\n\n{payload['table']}\n\nHow far each term had trained (the runs' "
@@ -161,16 +168,19 @@ def run_lgvq(args) -> int:
     from clipforge.reproduce.lgvq import reproduce_lgvq, write_results_section
 
     console, progress = _progress()
+    from clipforge.reproduce.common import parse_arm_seeds
+    from clipforge.reproduce.lgvq import ARMS
+
     payload = reproduce_lgvq(args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides,
                              num_eval=args.num_eval, config_dir=args.configs, train_only=args.train_only,
-                             progress=progress)
+                             arm_seeds=parse_arm_seeds(args.arm_seeds, ARMS), progress=progress)
     if args.train_only:
         console.print("trained; run again without --train-only to evaluate")
         return 0
     print(payload["table"])
     if args.results:
         section = (f"### LG-VQ vs VQ on SynthScenes\n\nProduced by `{_command('lgvq')}` (seeds "
-                   f"{', '.join(map(str, args.seeds))}; per-run numbers in {args.out}/results.json).\n\n"
+                   f"{', '.join(map(str, args.seeds))} unless --arm-seeds says otherwise; per-run numbers in {args.out}/results.json).\n\n"
                    f"{payload['table']}\n\nHow far each term had trained (the runs' metrics.jsonl, mean of the last "
                    f"3 records; accuracies in %):\n\n{payload['training_table']}\n")
         write_results_section(Path(args.results), section)

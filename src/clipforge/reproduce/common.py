@@ -33,6 +33,30 @@ def select_arms(arms: Sequence[Arm], keys: Sequence[str] | None) -> list[Arm]:
     return [arm for arm in arms if keys is None or arm.key in keys]
 
 
+def parse_arm_seeds(items: Sequence[str] | None, arms: Sequence[Arm]) -> dict[str, list[int]]:
+    """`["wcon_1=0", "gsa=0,1"]` -> {"wcon_1": [0], "gsa": [0, 1]}: arms that run fewer (or other) seeds than the
+    rest; ConfigError for an unknown arm or a malformed entry."""
+    from clipforge.errors import ConfigError
+
+    found: dict[str, list[int]] = {}
+    for item in items or ():
+        key, _, values = item.partition("=")
+        select_arms(arms, [key])
+        try:
+            found[key] = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--arm-seeds '{item}': expected ARM=SEED[,SEED...]") from None
+        if not found[key]:
+            raise ConfigError(f"--arm-seeds '{item}': expected ARM=SEED[,SEED...]")
+    return found
+
+
+def seed_plan(arms: Sequence[Arm], seeds: Sequence[int], arm_seeds: dict[str, list[int]]) -> list[tuple[Arm, int]]:
+    """(arm, seed) in the order to run them: seed by seed, so a partial reproduction has every arm."""
+    every = sorted({*seeds, *(s for values in arm_seeds.values() for s in values)})
+    return [(arm, seed) for seed in every for arm in arms if seed in arm_seeds.get(arm.key, seeds)]
+
+
 def is_finished(run_dir: Path) -> bool:
     """Training of the run in `run_dir` completed (its summary says every step ran)."""
     summary = run_dir / "summary.json"

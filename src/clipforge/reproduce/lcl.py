@@ -102,7 +102,7 @@ def images_per_document(documents: Path, lcl_config) -> float:
 
 
 def run_configs(arms: Sequence[Arm], seeds: Sequence[int], out_dir: Path, config_dir: Path, documents: Path,
-                pairs: Path, extra: Sequence[str]) -> tuple[dict, dict]:
+                pairs: Path, extra: Sequence[str], arm_seeds: dict[str, list[int]] | None = None) -> tuple[dict, dict]:
     """{(arm, seed): ExperimentConfig} and the equal-images bookkeeping."""
     def load(arm: Arm, seed: int, more: Sequence[str] = ()):
         name = f"{arm.key}_seed{seed}"
@@ -118,10 +118,9 @@ def run_configs(arms: Sequence[Arm], seeds: Sequence[int], out_dir: Path, config
     clip_batch = load_config(config_dir / "lcl_clip_baseline_synth_tiny.yaml").data.batch_size
     clip_steps = max(1, round(images_seen / clip_batch))
     configs = {}
-    for seed in seeds:  # seed by seed, so a partial reproduction has every arm
-        for arm in arms:
-            more = [f"train.max_steps={clip_steps}"] if arm.config == "lcl_clip_baseline" else []
-            configs[(arm.key, seed)] = load(arm, seed, more)
+    for arm, seed in common.seed_plan(arms, seeds, arm_seeds or {}):
+        more = [f"train.max_steps={clip_steps}"] if arm.config == "lcl_clip_baseline" else []
+        configs[(arm.key, seed)] = load(arm, seed, more)
     budget = {"lcl_steps": lcl_steps, "documents_per_step": reference.data.batch_size,
               "images_per_document_read": per_document, "images_seen": images_seen, "clip_steps": clip_steps,
               "clip_batch": clip_batch}
@@ -156,7 +155,7 @@ def evaluate(config, datasets, eval_config: EvalConfig, progress: ProgressFn) ->
 def reproduce_lcl(out_dir: str | Path = "runs/reproduce_lcl", *, seeds: Sequence[int] = (0, 1, 2),
                   arms: Sequence[str] | None = None, overrides: Sequence[str] = (), num_eval: int = 500,
                   config_dir: str | Path = "configs", train_only: bool = False,
-                  progress: ProgressFn | None = None) -> dict:
+                  arm_seeds: dict[str, list[int]] | None = None, progress: ProgressFn | None = None) -> dict:
     """Train (and unless `train_only`, evaluate) every (arm, seed); returns {"results", "table", "budget", ...}
     and writes it to <out_dir>/results.json."""
     from clipforge.eval.datasets import synth_eval_datasets
@@ -166,7 +165,7 @@ def reproduce_lcl(out_dir: str | Path = "runs/reproduce_lcl", *, seeds: Sequence
     chosen = common.select_arms(ARMS, arms)
     image_size = load_config(config_dir / "lcl_synth_tiny.yaml").data.synth.image_size
     documents, pairs = prepare_data(out_dir, image_size, progress)
-    configs, budget = run_configs(chosen, seeds, out_dir, config_dir, documents, pairs, overrides)
+    configs, budget = run_configs(chosen, seeds, out_dir, config_dir, documents, pairs, overrides, arm_seeds)
     progress(f"equal images: LCL {budget['lcl_steps']} steps x {budget['documents_per_step']} documents x "
              f"{budget['images_per_document_read']:.2f} images read = {budget['images_seen']:.0f}; CLIP "
              f"{budget['clip_steps']} steps x {budget['clip_batch']} pairs")

@@ -89,15 +89,14 @@ def judge_config(out_dir: Path, config_dir: Path, extra: Sequence[str] = ()):
 
 
 def run_configs(arms: Sequence[Arm], seeds: Sequence[int], out_dir: Path, config_dir: Path,
-                extra: Sequence[str]) -> dict:
+                extra: Sequence[str], arm_seeds: dict[str, list[int]] | None = None) -> dict:
     configs = {}
-    for seed in seeds:  # seed by seed, so a partial reproduction has every arm
-        for arm in arms:
-            name = f"{arm.key}_seed{seed}"
-            configs[(arm.key, seed)] = load_config(
-                config_dir / f"{arm.config}_synth_tiny.yaml",
-                [*arm.overrides, *extra, f"seed={seed}", f"name={name}", f"output_dir={out_dir / name}",
-                 "train.progress=false", "eval.at_end=false"])
+    for arm, seed in common.seed_plan(arms, seeds, arm_seeds or {}):
+        name = f"{arm.key}_seed{seed}"
+        configs[(arm.key, seed)] = load_config(
+            config_dir / f"{arm.config}_synth_tiny.yaml",
+            [*arm.overrides, *extra, f"seed={seed}", f"name={name}", f"output_dir={out_dir / name}",
+             "train.progress=false", "eval.at_end=false"])
     return configs
 
 
@@ -130,7 +129,7 @@ def evaluate(run_dir: Path, name: str, datasets, eval_config: EvalConfig, column
 def reproduce_lgvq(out_dir: str | Path = "runs/reproduce_lgvq", *, seeds: Sequence[int] = (0, 1, 2),
                    arms: Sequence[str] | None = None, overrides: Sequence[str] = (), num_eval: int = 500,
                    config_dir: str | Path = "configs", train_only: bool = False,
-                   progress: ProgressFn | None = None) -> dict:
+                   arm_seeds: dict[str, list[int]] | None = None, progress: ProgressFn | None = None) -> dict:
     """Train the judge CLIP and every (arm, seed), then (unless `train_only`) evaluate them; writes
     <out_dir>/results.json and returns its payload."""
     from clipforge.eval.datasets import synth_eval_datasets
@@ -139,7 +138,7 @@ def reproduce_lgvq(out_dir: str | Path = "runs/reproduce_lgvq", *, seeds: Sequen
     out_dir, config_dir = Path(out_dir), Path(config_dir)
     chosen = common.select_arms(ARMS, arms)
     judge = judge_config(out_dir, config_dir)
-    configs = run_configs(chosen, seeds, out_dir, config_dir, overrides)
+    configs = run_configs(chosen, seeds, out_dir, config_dir, overrides, arm_seeds)
     common.train_once(judge, progress)
     summaries = {key: common.train_once(config, progress) for key, config in configs.items()}
     results: dict[str, list[dict]] = {}
