@@ -69,7 +69,7 @@ MUTATIONS = [
        "run.pending_rng = loaded.rng_states[info.rank]",
        "run.pending_rng = loaded.rng_states[0]",
        ["test_engine_seams.py", "test_checkpoint.py"], "(d) every rank restored with rank 0's RNG state"),
-    _m("crop_scale_range_widened", "config.py",
+    _m("crop_scale_range_widened", "config_objectives.py",
        "crop_scale: float = between(1.5, 1.0, 4.0)",
        "crop_scale: float = between(1.5, 0.5, 4.0)",
        ["test_config_bounds.py", "test_reliability_configs.py"], "(e) a config range widened"),
@@ -256,6 +256,19 @@ MUTATIONS = [
        "if config.model.lock_image and config.model.lock_text:",
        "if False:",
        ["test_checkpoint.py", "test_reliability_configs.py"], "a config check removed (nothing would train)"),
+    # --- LCL frozen transfer and LG-VQ code tasks -----------------------------------------------------------------
+    _m("masked_word_probe_reads_the_unmasked_caption", "eval/code_language.py",
+       "context, _ = run_prior(prior, masked_ids)",
+       "context, _ = run_prior(prior, ids)",
+       ["test_code_eval.py"], "the masked-word probe's context read from the unmasked caption (LG-VQ's leak)"),
+    _m("lit_image_encoder_not_locked", "models/lit.py",
+       "        self.image_encoder.requires_grad_(False)\n",
+       "",
+       ["test_lit.py"], "the LiT image encoder trains (it must stay locked)"),
+    _m("caption_targets_not_shifted", "eval/captioner.py",
+       "targets = batch[:, 1:length].masked_fill(batch[:, 1:length] == PAD, IGNORE)",
+       "targets = batch[:, :length - 1].masked_fill(batch[:, :length - 1] == PAD, IGNORE)",
+       ["test_frozen_transfer.py"], "the captioner predicts the current word instead of the next"),
 ]
 
 
