@@ -17,7 +17,7 @@ IGNORE_INDEX; the official code pads with 0, the BPE token '!').
 
 Variants (one small config dict each; `model.name` may also be a JSON/YAML file holding such a dict):
     lcl-tiny            32 px, patch 8 (16 image tokens), width 32, 2+2 layers, context 64 (tests, smoke runs)
-    lcl-synth           32 px, patch 8, width 64, 3+3 layers, context 128 (configs/lcl_synth_tiny.yaml)
+    lcl-synth           32 px, patch 8, width 64, 3+3 layers, context 96 (configs/lcl_synth_tiny.yaml)
     lcl-vit-b-32        the official LCL_ViT-B-32_laion: 224 px, 49 image tokens, LM 512 wide 12/8, context 128
     lcl-vit-b-32-mmc4   the same with context 2048 (LCL_ViT-B-32_mmc4)
     lcl-vit-b-16        LCL_ViT-B-16_laion: 196 image tokens, LM 768 wide 12/12, context 280
