@@ -79,6 +79,20 @@ def test_mined_pairs_are_each_image_with_its_describing_sentence(documents, tmp_
     assert mined == expected
 
 
+def test_the_share_of_images_described_after_them_is_counted_from_the_items(documents):
+    from clipforge.data.synth import SynthScenes
+    from clipforge.reproduce.lcl import sentence_after_share
+
+    after = total = 0
+    for raw in SynthScenes(image_size=32).documents(0, 40):
+        meta = json.loads(raw["json"])
+        for number, image in enumerate(meta["images"]):
+            position = next(k for k, item in enumerate(meta["items"]) if item.get("image") == number)
+            after += image["caption_item"] == position + 1  # SynthScenes puts the sentence right before or after
+            total += 1
+    assert sentence_after_share(documents) == pytest.approx(after / total) and 0 < after < total
+
+
 def test_equal_images_counts_the_blocks_that_fit_the_context(documents, tmp_path):
     from clipforge.reproduce.lcl import images_per_document
 

@@ -153,8 +153,9 @@ def run_lcl(args) -> int:
         section = (f"### LCL vs CLIP on SynthScenes documents\n\nProduced by `{_command('lcl')}` (seeds "
                    f"{', '.join(map(str, args.seeds))} unless --arm-seeds says otherwise; LCL arms {budget['lcl_steps']} steps of "
                    f"{budget['documents_per_step']} documents, {budget['images_seen']:.0f} images seen; CLIP "
-                   f"{budget['clip_steps']} steps of {budget['clip_batch']} pairs; per-run numbers in "
-                   f"{args.out}/results.json).\n\n{payload['table']}\n\nHow far each term had trained (the runs' "
+                   f"{budget['clip_steps']} steps of {budget['clip_batch']} pairs; the describing sentence comes "
+                   f"after its image for {100 * budget['sentence_after_image']:.1f}% of the documents' images; "
+                   f"per-run numbers in {args.out}/results.json).\n\n{payload['table']}\n\nHow far each term had trained (the runs' "
                    f"metrics.jsonl, mean of the last 3 records; in-batch accuracy in %):\n\n"
                    f"{payload['training_table']}\n")
         write_results_section(Path(args.results), section)

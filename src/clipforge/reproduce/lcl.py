@@ -101,6 +101,24 @@ def images_per_document(documents: Path, lcl_config) -> float:
     return kept / max(usable, 1)
 
 
+def sentence_after_share(documents: Path) -> float:
+    """Share of the documents' images whose describing sentence comes after them: the pairs for which the LM state
+    at <soi>, which the contrastive term aligns with the image, has not read the description."""
+    from clipforge.data.samples import SkipCounter, read_json_member
+    from clipforge.data.shards import iter_tar_samples, resolve_shards
+
+    after = total = 0
+    for shard in resolve_shards(str(documents)):
+        for raw in iter_tar_samples(shard.url, SkipCounter()):
+            meta = read_json_member(raw)
+            where = {item["image"]: k for k, item in enumerate(meta["items"]) if "image" in item}
+            for number, image in enumerate(meta.get("images", [])):
+                if isinstance(image, dict) and isinstance(image.get("caption_item"), int) and number in where:
+                    total += 1
+                    after += image["caption_item"] > where[number]
+    return after / max(total, 1)
+
+
 def run_configs(arms: Sequence[Arm], seeds: Sequence[int], out_dir: Path, config_dir: Path, documents: Path,
                 pairs: Path, extra: Sequence[str], arm_seeds: dict[str, list[int]] | None = None) -> tuple[dict, dict]:
     """{(arm, seed): ExperimentConfig} and the equal-images bookkeeping."""
@@ -121,7 +139,8 @@ def run_configs(arms: Sequence[Arm], seeds: Sequence[int], out_dir: Path, config
     for arm, seed in common.seed_plan(arms, seeds, arm_seeds or {}):
         more = [f"train.max_steps={clip_steps}"] if arm.config == "lcl_clip_baseline" else []
         configs[(arm.key, seed)] = load(arm, seed, more)
-    budget = {"lcl_steps": lcl_steps, "documents_per_step": reference.data.batch_size,
+    budget = {"sentence_after_image": sentence_after_share(documents),
+              "lcl_steps": lcl_steps, "documents_per_step": reference.data.batch_size,
               "images_per_document_read": per_document, "images_seen": images_seen, "clip_steps": clip_steps,
               "clip_batch": clip_batch}
     return configs, budget
