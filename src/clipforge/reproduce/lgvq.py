@@ -67,6 +67,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 T2I_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("t2i judge top-1", "text_to_image", "t2i_acc1"),
+    ("judge top-1 on real", "text_to_image", "real_acc1"),
     ("t2i FD", "text_to_image", "frechet_distance"),
 )
 EVAL_TASKS = ["reconstruction", "code_semantics"]
