@@ -132,58 +132,45 @@ def run_fineclip(args) -> int:
     return 0
 
 
-def run_lcl(args) -> int:
+def _run_method(args, method: str, title: str, sizes, training_note: str) -> int:
+    """Run `clipforge reproduce METHOD` (lcl, lgvq: reproduce/<method>.py) and write its results section: the
+    title, the command, `sizes(payload)` (what ran), the table, and the end-of-training table."""
+    import importlib
     from pathlib import Path
 
-    from clipforge.reproduce.lcl import reproduce_lcl, write_results_section
-
-    console, progress = _progress()
     from clipforge.reproduce.common import parse_arm_seeds
-    from clipforge.reproduce.lcl import ARMS
 
-    payload = reproduce_lcl(args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides,
-                            num_eval=args.num_eval, config_dir=args.configs, train_only=args.train_only,
-                            arm_seeds=parse_arm_seeds(args.arm_seeds, ARMS), progress=progress)
+    module = importlib.import_module(f"clipforge.reproduce.{method}")
+    console, progress = _progress()
+    payload = getattr(module, f"reproduce_{method}")(
+        args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides, num_eval=args.num_eval,
+        config_dir=args.configs, train_only=args.train_only, arm_seeds=parse_arm_seeds(args.arm_seeds, module.ARMS),
+        progress=progress)
     if args.train_only:
         console.print("trained; run again without --train-only to evaluate")
         return 0
     print(payload["table"])
     if args.results:
-        budget = payload["budget"]
-        section = (f"### LCL vs CLIP on SynthScenes documents\n\nProduced by `{_command('lcl')}` (seeds "
-                   f"{', '.join(map(str, args.seeds))} unless --arm-seeds says otherwise; LCL arms {budget['lcl_steps']} steps of "
-                   f"{budget['documents_per_step']} documents, {budget['images_seen']:.0f} images seen; CLIP "
-                   f"{budget['clip_steps']} steps of {budget['clip_batch']} pairs; the describing sentence comes "
-                   f"after its image for {100 * budget['sentence_after_image']:.1f}% of the documents' images; "
-                   f"per-run numbers in {args.out}/results.json).\n\n{payload['table']}\n\nHow far each term had trained (the runs' "
-                   f"metrics.jsonl, mean of the last 3 records; in-batch accuracy in %):\n\n"
-                   f"{payload['training_table']}\n")
-        write_results_section(Path(args.results), section)
+        section = (f"### {title}\n\nProduced by `{_command(method)}` (seeds {', '.join(map(str, args.seeds))} "
+                   f"unless --arm-seeds says otherwise; {sizes(payload)}per-run numbers in {args.out}/results.json)."
+                   f"\n\n{payload['table']}\n\nHow far each term had trained (the runs' metrics.jsonl, mean of the "
+                   f"last 3 records; {training_note}):\n\n{payload['training_table']}\n")
+        module.write_results_section(Path(args.results), section)
         console.print(f"table written to {args.results}")
     return 0
+
+
+def _lcl_sizes(payload: dict) -> str:
+    budget = payload["budget"]
+    return (f"LCL arms {budget['lcl_steps']} steps of {budget['documents_per_step']} documents, "
+            f"{budget['images_seen']:.0f} images seen; CLIP {budget['clip_steps']} steps of {budget['clip_batch']} "
+            f"pairs; the describing sentence comes after its image for "
+            f"{100 * budget['sentence_after_image']:.1f}% of the documents' images; ")
+
+
+def run_lcl(args) -> int:
+    return _run_method(args, "lcl", "LCL vs CLIP on SynthScenes documents", _lcl_sizes, "in-batch accuracy in %")
 
 
 def run_lgvq(args) -> int:
-    from pathlib import Path
-
-    from clipforge.reproduce.lgvq import reproduce_lgvq, write_results_section
-
-    console, progress = _progress()
-    from clipforge.reproduce.common import parse_arm_seeds
-    from clipforge.reproduce.lgvq import ARMS
-
-    payload = reproduce_lgvq(args.out, seeds=args.seeds, arms=args.arms, overrides=args.overrides,
-                             num_eval=args.num_eval, config_dir=args.configs, train_only=args.train_only,
-                             arm_seeds=parse_arm_seeds(args.arm_seeds, ARMS), progress=progress)
-    if args.train_only:
-        console.print("trained; run again without --train-only to evaluate")
-        return 0
-    print(payload["table"])
-    if args.results:
-        section = (f"### LG-VQ vs VQ on SynthScenes\n\nProduced by `{_command('lgvq')}` (seeds "
-                   f"{', '.join(map(str, args.seeds))} unless --arm-seeds says otherwise; per-run numbers in {args.out}/results.json).\n\n"
-                   f"{payload['table']}\n\nHow far each term had trained (the runs' metrics.jsonl, mean of the last "
-                   f"3 records; accuracies in %):\n\n{payload['training_table']}\n")
-        write_results_section(Path(args.results), section)
-        console.print(f"table written to {args.results}")
-    return 0
+    return _run_method(args, "lgvq", "LG-VQ vs VQ on SynthScenes", lambda payload: "", "accuracies in %")

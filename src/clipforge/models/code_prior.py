@@ -37,7 +37,7 @@ from torch import nn
 
 from clipforge.config import ModelConfig
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge.models.family import ModelBundle
+from clipforge.models.family import ModelBundle, variant_or_file_settings
 
 _TINY = {"context_length": 24, "width": 32, "layers": 2, "heads": 2, "temperature": 1.0, "top_k": 0,
          "guidance": 2.0, "tokenizer": None}
@@ -76,17 +76,8 @@ def check_settings(settings: dict, where: str) -> dict:
 
 
 def variant_settings(name: str) -> dict:
-    if name in VARIANTS:
-        return check_settings(VARIANTS[name], f"model '{name}'")
-    path = Path(name)
-    if path.suffix in (".json", ".yaml", ".yml"):
-        from clipforge.config import read_yaml
-
-        if not path.is_file():
-            raise ConfigError(f"model.name '{name}' does not exist")
-        return check_settings(read_yaml(path), f"model '{name}'")  # YAML reads JSON too
-    raise ConfigError(f"model.name '{name}' is not a code_prior variant (known: {', '.join(VARIANTS)}) or a "
-                      f".json/.yaml file of code_prior settings")
+    return variant_or_file_settings(name, VARIANTS, "code_prior",
+                                    lambda settings: check_settings(settings, f"model '{name}'"))
 
 
 def resolve_name(name: str) -> None:

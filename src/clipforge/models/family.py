@@ -14,10 +14,15 @@ from it alone. Every family registers a tiny variant (`TINY_VARIANTS`) that the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
 from torch import nn
+
+from clipforge.errors import ConfigError
 
 MODEL_CONFIG_FILE = "model.json"
 MODEL_JSON_VERSION = 1
@@ -47,3 +52,25 @@ class ModelBundle:
 
 def is_frozen_key(key: str, frozen: tuple[str, ...]) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in frozen)
+
+
+def variant_or_file_settings(name: str, variants: dict[str, dict], family: str, check: Callable[[dict], dict],
+                             defaults: dict | None = None) -> dict:
+    """The checked settings `name` stands for in a family whose variants are small dicts: a registered variant, or
+    a JSON/YAML file holding such a dict (over `defaults`, when given). One-line ConfigErrors name the file."""
+    if name in variants:
+        return check(dict(variants[name]))
+    path = Path(name)
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"model.name '{name}' is not a {family} variant (known: {', '.join(variants)}) or a "
+                          f".json/.yaml file of {family} settings")
+    if not path.is_file():
+        raise ConfigError(f"model.name '{name}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        body = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{family} model file '{path}' could not be read ({type(err).__name__})") from None
+    if not isinstance(body, dict):
+        raise ConfigError(f"{family} model file '{path}' must hold a mapping of settings")
+    return check({**(defaults or {}), **body})

@@ -25,16 +25,13 @@ Variants (one small config dict each; `model.name` may also be a JSON/YAML file 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-import yaml
 from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
@@ -45,7 +42,7 @@ from clipforge.data.documents import document_images, is_pair
 from clipforge.data.samples import Document, SkipCounter
 from clipforge.data.transforms import sample_seed
 from clipforge.errors import ConfigError, DataError
-from clipforge.models.family import ModelBundle
+from clipforge.models.family import ModelBundle, variant_or_file_settings
 
 SOT, EOT = 49406, 49407  # the CLIP BPE's own start and end of text
 IMAGE, SOI, EOI, PAD = 49408, 49409, 49410, 49411  # <img_placehold>, <start_of_img>, <end_of_img>, <pad>
@@ -110,20 +107,7 @@ def check_settings(settings: dict, name: str) -> dict:
 
 
 def variant_settings(name: str) -> dict:
-    if name in VARIANTS:
-        return check_settings(dict(VARIANTS[name]), name)
-    path = Path(name)
-    if path.suffix not in (".json", ".yaml", ".yml"):
-        raise ConfigError(f"model.name '{name}' is not an lcl variant (known: {', '.join(VARIANTS)}) or a "
-                          f".json/.yaml file of settings")
-    try:
-        text = path.read_text(encoding="utf-8")
-        settings = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"lcl model file '{path}' could not be read ({type(err).__name__})") from None
-    if not isinstance(settings, dict):
-        raise ConfigError(f"lcl model file '{path}' must hold a mapping of settings")
-    return check_settings(settings, name)
+    return variant_or_file_settings(name, VARIANTS, "lcl", lambda settings: check_settings(settings, name))
 
 
 def resolve_name(name: str) -> None:

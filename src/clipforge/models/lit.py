@@ -31,16 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-import yaml
 from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import AttentionalPooler
@@ -49,7 +46,7 @@ from torch import nn
 
 from clipforge.config import ModelConfig
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge.models.family import ModelBundle
+from clipforge.models.family import ModelBundle, variant_or_file_settings
 from clipforge.models.tokens import encode_image_tokens, serves_image_tokens
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # as CLIP; the clip objective clamps it to [0, ln 100] after each step
@@ -104,21 +101,10 @@ def check_settings(settings: dict, name: str) -> dict:
 
 
 def variant_settings(name: str) -> dict:
-    """The checked settings `name` stands for: a registered variant or a JSON/YAML file of settings."""
-    if name in VARIANTS:
-        return check_settings(dict(VARIANTS[name]), name)
-    path = Path(name)
-    if path.suffix not in (".json", ".yaml", ".yml"):
-        raise ConfigError(f"model.name '{name}' is not a lit variant (known: {', '.join(VARIANTS)}) or a "
-                          f".json/.yaml file of settings")
-    try:
-        text = path.read_text(encoding="utf-8")
-        body = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"lit model file '{path}' could not be read ({type(err).__name__})") from None
-    if not isinstance(body, dict):
-        raise ConfigError(f"lit model file '{path}' must hold a mapping of settings")
-    return check_settings({**VARIANTS["lit-small"], **body}, name)
+    """The checked settings `name` stands for: a registered variant or a JSON/YAML file of settings (keys it leaves
+    out take lit-small's values)."""
+    return variant_or_file_settings(name, VARIANTS, "lit", lambda settings: check_settings(settings, name),
+                                    defaults=VARIANTS["lit-small"])
 
 
 def resolve_name(name: str) -> None:

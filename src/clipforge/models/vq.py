@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +44,7 @@ from torchvision import transforms
 
 from clipforge.config import ModelConfig
 from clipforge.errors import ConfigError
-from clipforge.models.family import ModelBundle
+from clipforge.models.family import ModelBundle, variant_or_file_settings
 
 QUANTIZERS = ("vq", "ema", "fsq", "simvq")
 
@@ -113,34 +112,9 @@ def check_settings(settings: dict, where: str) -> dict:
     return merged
 
 
-def _read_settings_file(path: Path) -> dict:
-    import json
-
-    from clipforge.config import read_yaml
-
-    if path.suffix == ".json":
-        try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            raise ConfigError(f"model.name '{path}' is not readable JSON") from None
-    else:
-        body = read_yaml(path)
-    if not isinstance(body, dict):
-        raise ConfigError(f"model.name '{path}' must hold a mapping of vq settings")
-    return body
-
-
 def variant_settings(name: str) -> dict:
     """The checked settings `name` stands for: a registered variant or a JSON/YAML file of settings."""
-    if name in VARIANTS:
-        return check_settings(VARIANTS[name], f"model '{name}'")
-    path = Path(name)
-    if path.suffix in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"model.name '{name}' does not exist")
-        return check_settings(_read_settings_file(path), f"model '{name}'")
-    raise ConfigError(f"model.name '{name}' is not a vq variant (known: {', '.join(VARIANTS)}) or a .json/.yaml "
-                      f"file of vq settings")
+    return variant_or_file_settings(name, VARIANTS, "vq", lambda settings: check_settings(settings, f"model '{name}'"))
 
 
 def resolve_name(name: str) -> None:
