@@ -29,11 +29,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
+
+from _measure import rss_mib, timed_training_step
 
 VARIANTS = ("clip", "fineclip", "fineclip@low", "fineclip no-stopgrad", "official")
 
@@ -81,19 +81,6 @@ def synthetic_batch(batch_size: int, regions: int, image_size: int, context: int
     ).to(device)
 
 
-def _rss_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process from /proc, in MiB. Not getrusage's ru_maxrss: Linux
-    carries the parent's peak over into a child started with (v)fork + exec, which would hide the child's own."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else 0.0
-
-
 class Runner:
     """One configuration: its own model copy, objective, optimiser and batch."""
 
@@ -101,7 +88,7 @@ class Runner:
         import open_clip
         import torch
 
-        import clipforge.models  # noqa: F401 - registers the clipforge model configs with open_clip
+        import clipforge.models.clip_family  # noqa: F401 - registers the clipforge model configs with open_clip
 
         self.device = torch.device(args.device)
         torch.manual_seed(0)
@@ -113,19 +100,7 @@ class Runner:
 
     def step(self) -> tuple[float, float]:
         """(wall s, process CPU s) of forward + backward + optimiser step."""
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = self.objective(self.model, self.batch)
-        out.total.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.objective.after_step(self.model)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, time.process_time() - cpu_start
+        return timed_training_step(self.objective, self.model, self.batch, self.optimizer, self.device)
 
 
 def measure_memory(args) -> dict:
@@ -133,10 +108,10 @@ def measure_memory(args) -> dict:
     import torch
 
     runner = Runner(args.variant, args.one_m, args)
-    rss_before = _rss_mib("VmRSS")
+    rss_before = rss_mib("VmRSS")
     for _ in range(3):
         runner.step()
-    peak = _rss_mib("VmHWM")
+    peak = rss_mib("VmHWM")
     result = {"peak_rss_mib": peak, "step_rss_mib": peak - rss_before}
     if runner.device.type == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -33,13 +33,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _measure import rss_mib, timed_training_step
 
 BLOCK = 16 + 2  # an image block of lcl-synth: <soi>, (32 / 8)^2 image tokens, <eoi>
 
@@ -47,20 +47,6 @@ BLOCK = 16 + 2  # an image block of lcl-synth: <soi>, (32 / 8)^2 image tokens, <
 def fits(context: int, images: int) -> bool:
     """k image blocks, <sot>, <eot> and at least one text token per segment fit in `context` tokens."""
     return 2 + images * BLOCK + images + 1 <= context
-
-
-def _rss_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process from /proc, in MiB. Not getrusage's ru_maxrss: Linux
-    carries the parent's peak over into a child started with (v)fork + exec, which would hide the child's
-    own."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else 0.0
 
 
 def synth_pictures(count: int):
@@ -152,19 +138,7 @@ class Runner:
 
     def step(self) -> tuple[float, float]:
         """(wall s, process CPU s) of forward + backward + optimiser step."""
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = self.objective(self.model, self.batch)
-        out.total.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.objective.after_step(self.model)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, time.process_time() - cpu_start
+        return timed_training_step(self.objective, self.model, self.batch, self.optimizer, self.device)
 
 
 def measure_memory(config: tuple[str, int, int], args) -> dict:
@@ -173,10 +147,10 @@ def measure_memory(config: tuple[str, int, int], args) -> dict:
 
     with tempfile.TemporaryDirectory() as settings_dir:
         runner = Runner(config, args, settings_dir)
-    rss_before = _rss_mib("VmRSS")
+    rss_before = rss_mib("VmRSS")
     for _ in range(3):
         runner.step()
-    peak = _rss_mib("VmHWM")
+    peak = rss_mib("VmHWM")
     result = {"peak_rss_mib": peak, "step_rss_mib": peak - rss_before}
     if runner.device.type == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20

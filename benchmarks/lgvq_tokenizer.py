@@ -33,13 +33,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _measure import rss_mib
 
 TERMS = {  # objective label -> (objective name, overrides)
     "vq": ("vq", []),
@@ -49,20 +50,6 @@ TERMS = {  # objective label -> (objective name, overrides)
     "lgvq ras only": ("lgvq", ["objective.lgvq.gsa_weight=0", "objective.lgvq.mtp_weight=0"]),
 }
 CODING = ("vq", "lgvq")  # the labels whose encode/decode is timed (the per-term models are the same network)
-
-
-def _rss_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process from /proc, in MiB. Not getrusage's ru_maxrss: Linux
-    carries the parent's peak over into a child started with (v)fork + exec, which would hide the child's
-    own."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else 0.0
 
 
 def synth_samples(count: int, image_size: int):
@@ -169,15 +156,15 @@ def measure_memory(config: tuple[str, int, int], args) -> dict:
     cuda = runner.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_mib("VmRSS")
+    rss_before = rss_mib("VmRSS")
     for _ in range(3):
         runner.encode()
-    result = {"encode_rss_mib": _rss_mib("VmHWM") - rss_before}
+    result = {"encode_rss_mib": rss_mib("VmHWM") - rss_before}
     if cuda:
         result["encode_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     for _ in range(3):
         runner.step()
-    peak = _rss_mib("VmHWM")
+    peak = rss_mib("VmHWM")
     result.update({"peak_rss_mib": peak, "step_rss_mib": peak - rss_before})
     if cuda:
         result["step_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20

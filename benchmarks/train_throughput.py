@@ -138,7 +138,7 @@ def flops_per_sample(batch: int) -> float:
     import open_clip
     from torch.utils.flop_counter import FlopCounterMode
 
-    import clipforge.models  # noqa: F401 - registers the model config
+    import clipforge.models.clip_family  # noqa: F401 - registers the model config
     from clipforge.objectives.contrastive import contrastive_loss
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the weights are random, as intended
