@@ -74,7 +74,7 @@ OURS = textwrap.dedent("""
 
 OPEN_CLIP = textwrap.dedent("""
     import json, resource, sys
-    import clipforge.models  # registers clipforge's model configs with open_clip
+    import clipforge.models.clip_family  # registers clipforge's model configs with open_clip
     from open_clip_train.main import main
     main(sys.argv[1:])
     print(json.dumps({"rss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
