@@ -50,19 +50,8 @@ def add_parser(subparsers) -> None:
                "  clipforge reproduce lcl --seeds 0 --arms lcl clip gen_only\n"
                "  clipforge reproduce lcl --train-only        # train now, evaluate in a later call\n",
     )
-    lcl.add_argument("--out", default="runs/reproduce_lcl", help="folder for the data, runs and results.json")
-    lcl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    lcl.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
-    lcl.add_argument("--arm-seeds", nargs="+", default=None, metavar="ARM=S[,S]",
-                     help="arms that run other seeds than --seeds (e.g. a sweep arm on seed 0 only: wcon_1=0)")
-    lcl.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
-                     help="config overrides applied to every run alike")
-    lcl.add_argument("--num-eval", type=int, default=500, help="held-out scenes per evaluation split (and train split "
-                                                               "of the probes)")
-    lcl.add_argument("--configs", default="configs", help="folder with lcl_/lcl_clip_baseline_synth_tiny.yaml")
-    lcl.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
-    lcl.add_argument("--results", default="docs/results.md",
-                     help="markdown file whose LCL section is (re)written; '' to skip")
+    _add_arguments(lcl, "lcl", "LCL", configs="lcl_/lcl_clip_baseline_synth_tiny.yaml",
+                   num_eval="held-out scenes per evaluation split (and train split of the probes)")
     lcl.set_defaults(handler=run_lcl)
     lgvq = methods.add_parser(
         "lgvq",
@@ -78,20 +67,26 @@ def add_parser(subparsers) -> None:
                "  clipforge reproduce lgvq --seeds 0 --arms vq lgvq\n"
                "  clipforge reproduce lgvq --train-only       # train now, evaluate in a later call\n",
     )
-    lgvq.add_argument("--out", default="runs/reproduce_lgvq", help="folder for the runs and results.json")
-    lgvq.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    lgvq.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
-    lgvq.add_argument("--arm-seeds", nargs="+", default=None, metavar="ARM=S[,S]",
-                     help="arms that run other seeds than --seeds (e.g. a sweep arm on seed 0 only: wcon_1=0)")
-    lgvq.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
-                      help="config overrides applied to every tokenizer run alike")
-    lgvq.add_argument("--num-eval", type=int, default=500, help="held-out scenes (and probe training scenes)")
-    lgvq.add_argument("--configs", default="configs", help="folder with lgvq_synth_tiny.yaml and the judge's config")
-    lgvq.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
-    lgvq.add_argument("--results", default="docs/results.md",
-                      help="markdown file whose LG-VQ section is (re)written; '' to skip")
+    _add_arguments(lgvq, "lgvq", "LG-VQ", configs="lgvq_synth_tiny.yaml and the judge's config",
+                   num_eval="held-out scenes (and probe training scenes)")
     lgvq.set_defaults(handler=run_lgvq)
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+
+
+def _add_arguments(parser, method: str, label: str, configs: str, num_eval: str) -> None:
+    """The options every `reproduce METHOD` built on reproduce/common.py takes."""
+    parser.add_argument("--out", default=f"runs/reproduce_{method}", help="folder for the data, runs and results.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
+    parser.add_argument("--arm-seeds", nargs="+", default=None, metavar="ARM=S[,S]",
+                        help="arms that run other seeds than --seeds (e.g. an ablation arm on seed 0 only: gsa=0)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
+                        help="config overrides applied to every arm's run alike")
+    parser.add_argument("--num-eval", type=int, default=500, help=num_eval)
+    parser.add_argument("--configs", default="configs", help=f"folder with {configs}")
+    parser.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
+    parser.add_argument("--results", default="docs/results.md",
+                        help=f"markdown file whose {label} section is (re)written; '' to skip")
 
 
 def _progress():
