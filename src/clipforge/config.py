@@ -22,8 +22,10 @@ import yaml
 
 from clipforge.config_fields import MAX_SEED, between, non_negative, positive, seed_field  # noqa: F401
 from clipforge.config_objectives import (  # noqa: F401  re-exported: clipforge.config is where users look
+    AutoencoderObjectiveConfig,
     ClipObjectiveConfig,
     CodeArObjectiveConfig,
+    DiffusionObjectiveConfig,
     FineclipObjectiveConfig,
     LclObjectiveConfig,
     LgvqObjectiveConfig,
@@ -44,6 +46,7 @@ class SynthConfig:
     shard_size: int = positive(1024)
     omit_fraction: float = between(0.3, 0.0, 1.0)  # share of objects left out of global captions
     long_tail: float = non_negative(0.0)  # Zipf exponent for class frequencies; 0 = balanced
+    classes: Literal["base", "all"] = "base"  # the training split's main objects: base classes, or every class
 
 
 @dataclass
@@ -86,6 +89,8 @@ class ObjectiveConfig:
     lgvq: LgvqObjectiveConfig = field(default_factory=LgvqObjectiveConfig)
     lcl: LclObjectiveConfig = field(default_factory=LclObjectiveConfig)
     code_ar: CodeArObjectiveConfig = field(default_factory=CodeArObjectiveConfig)
+    autoencoder: AutoencoderObjectiveConfig = field(default_factory=AutoencoderObjectiveConfig)
+    diffusion: DiffusionObjectiveConfig = field(default_factory=DiffusionObjectiveConfig)
 
 
 @dataclass
@@ -132,6 +137,8 @@ class EvalConfig:
     caption_lr: float = positive(3e-3)
     at_end: bool = False  # `clipforge train` runs these tasks on the run's evaluation data when training ends
     generate_per_class: int = positive(8)  # text_to_image: images generated per class prompt
+    genie_sources: int = positive(16)  # genie_edits: images edited toward another class
+    genie_ratios: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     feature_run: str | None = None  # reconstruction: a clipforge CLIP run whose image tower gives the Fréchet space
     probe_steps: int = positive(300)  # code_semantics: optimiser steps of every probe (batch 64)
     probe_width: int = positive(32)  # code_semantics: hidden width of the probes

@@ -83,3 +83,16 @@ class LclObjectiveConfig:
 class CodeArObjectiveConfig:  # the `code_ar` objective: a text-to-image prior over vq codes (docs/lgvq.md)
     tokenizer: str | None = None  # the frozen vq run (code_prior family); None: an untrained seeded stand-in
     caption_dropout: float = between(0.1, 0.0, 1.0)  # share of captions replaced by "" (classifier-free guidance)
+
+
+@dataclass
+class AutoencoderObjectiveConfig:  # the `autoencoder` objective: a latent diffusion model's first stage
+    reconstruction: Literal["l1", "l2"] = "l1"
+    kl_weight: float = non_negative(1e-6)  # KL(posterior || N(0, I)) summed over latent dims, vs the MEAN L1
+
+
+@dataclass
+class DiffusionObjectiveConfig:  # the `diffusion` objective: noise prediction for a text-conditioned UNet
+    text: str | None = None  # a clipforge CLIP run whose frozen text tower conditions the UNet; None: a stand-in
+    autoencoder: str | None = "seeded"  # an autoencoder run (latent space); "seeded": a stand-in; None: pixel space
+    caption_dropout: float = between(0.1, 0.0, 1.0)  # share of captions replaced by "" (classifier-free guidance)

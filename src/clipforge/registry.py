@@ -82,6 +82,8 @@ FAMILIES = Registry("model family", "model.family", {
     "lcl": "clipforge.models.lcl:build_lcl",
     "lit": "clipforge.models.lit:build_lit",
     "code_prior": "clipforge.models.code_prior:build_code_prior",
+    "autoencoder": "clipforge.models.autoencoder:build_autoencoder",
+    "diffusion": "clipforge.models.diffusion:build_diffusion",
 })
 
 OBJECTIVES = Registry("objective", "objective.name", {
@@ -94,6 +96,8 @@ OBJECTIVES = Registry("objective", "objective.name", {
     "lgvq": "clipforge.objectives.lgvq:LgvqObjective",
     "lcl": "clipforge.objectives.lcl:LclObjective",
     "code_ar": "clipforge.objectives.code_ar:CodeArObjective",
+    "autoencoder": "clipforge.objectives.diffusion:AutoencoderObjective",
+    "diffusion": "clipforge.objectives.diffusion:DiffusionObjective",
 })
 
 # task name -> the module whose import registers it (clipforge.eval.tasks.register_task)
@@ -110,4 +114,5 @@ EVAL_TASKS = Registry("evaluation task", "eval.tasks", {
     "reconstruction": "clipforge.eval.codes:",
     "code_semantics": "clipforge.eval.code_probes:",
     "text_to_image": "clipforge.eval.generation:",
+    "genie_edits": "clipforge.eval.genie_edits:",
 })

@@ -57,8 +57,11 @@ def _synth_folder(config, split: str):
 
 def _generate_synth(config, split: str, num: int, progress) -> None:
     synth = config.data.synth
+    # data.synth.classes "all": the training scenes' main objects come from every class (a generative model must
+    # see every class's captions); validation stays on the base classes
+    content = "all" if split == "train" and synth.classes == "all" else split
     generate_synth_shards(
-        _synth_folder(config, split), num=num, split=split, seed=synth.seed, image_size=synth.image_size,
+        _synth_folder(config, split), num=num, split=content, seed=synth.seed, image_size=synth.image_size,
         shard_size=synth.shard_size, omit_fraction=synth.omit_fraction,
         long_tail=synth.long_tail if split == "train" else 0.0,  # evaluation stays balanced
         progress=progress,

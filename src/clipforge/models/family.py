@@ -29,7 +29,8 @@ MODEL_JSON_VERSION = 1
 
 # family -> the name of its tiny variant (for tests and smoke runs); each family module adds its own
 TINY_VARIANTS: dict[str, str] = {"clip": "clipforge-vit-micro", "toy": "toy-classifier-tiny", "vq": "vq-tiny",
-                                 "lcl": "lcl-tiny", "code_prior": "code-prior-tiny", "lit": "lit-tiny"}
+                                 "lcl": "lcl-tiny", "code_prior": "code-prior-tiny", "lit": "lit-tiny",
+                                 "autoencoder": "autoencoder-tiny", "diffusion": "diffusion-tiny"}
 
 
 @dataclass
