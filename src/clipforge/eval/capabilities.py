@@ -8,6 +8,7 @@
 | `image_tokens` | `encode_image_tokens(images) -> [B, N, W]`, or an open_clip ViT image tower (clipforge.models.tokens) | frozen transfer (attentive probe, LiT retrieval, captioning) |
 | `codes`        | `encode_codes` and `decode_codes` (a VQ image tokenizer)                            | code tasks |
 | `generate`     | `generate` (image generation)                                                      | generation tasks |
+| `edit`         | `edit(images, prompts, ratios, seeds)` (text-guided image editing, GeNIe's sampler) | genie_edits |
 
 A model may state what it serves with a `capabilities` attribute (names from this vocabulary); otherwise
 `model_capabilities` infers it from the callables the model has. A task whose capability a model lacks is
@@ -20,7 +21,7 @@ from collections.abc import Iterable
 
 from clipforge.errors import ConfigError
 
-CAPABILITIES = ("encode_image", "encode_text", "dense", "image_tokens", "codes", "generate")
+CAPABILITIES = ("encode_image", "encode_text", "dense", "image_tokens", "codes", "generate", "edit")
 
 
 def _callable(model, name: str) -> bool:
@@ -41,7 +42,7 @@ def _serves_dense(model) -> bool:
 
 def model_capabilities(model) -> frozenset[str]:
     """The capabilities `model` declares (its `capabilities` attribute) or, without one, those its callables
-    give: `encode_image`, `encode_text`, `dense`, `codes` (`encode_codes` + `decode_codes`), `generate`."""
+    give: `encode_image`, `encode_text`, `dense`, `codes` (`encode_codes` + `decode_codes`), `generate`, `edit`."""
     declared = getattr(model, "capabilities", None)
     if declared is not None:
         names = frozenset([declared] if isinstance(declared, str) else declared)
@@ -50,7 +51,7 @@ def model_capabilities(model) -> frozenset[str]:
             raise ConfigError(f"{type(model).__name__}.capabilities names an unknown capability '{unknown[0]}' "
                               f"(known: {', '.join(CAPABILITIES)})")
         return names
-    found = {name for name in ("encode_image", "encode_text", "generate") if _callable(model, name)}
+    found = {name for name in ("encode_image", "encode_text", "generate", "edit") if _callable(model, name)}
     if _callable(model, "encode_codes") and _callable(model, "decode_codes"):
         found.add("codes")
     if _serves_dense(model):

@@ -33,6 +33,7 @@ TASK_TITLES = {
     "zeroshot": "Zero-shot classification", "retrieval": "Retrieval", "linear_probe": "Linear probe",
     "fewshot": "Few-shot classification", "robustness": "Robustness to distribution shift",
     "reconstruction": "Reconstruction and codebook usage", "text_to_image": "Text-to-image samples",
+    "genie_edits": "GeNIe edits over the noise ratio",
     "captioning": "Captioning examples",
 }
 HEADLINE_METRICS = {

@@ -3,6 +3,7 @@ read. Each renders the records of one task (with their `details` and `_examples`
 
     reconstruction   original -> reconstruction pairs, and the codebook-usage histogram of the held-out codes
     text_to_image    a grid of samples per prompt, with the judge's verdict
+    genie_edits      source -> edits over r (one row per source) and the semantic-flip curve
     captioning       test images with the generated caption and its references
 
 Registered with `register_report_section` when the task modules import this one, so the per-run report and the
@@ -110,3 +111,24 @@ def captioning_section(records: list[dict]) -> str | None:
 register_report_section("reconstruction", reconstruction_section)
 register_report_section("text_to_image", text_to_image_section)
 register_report_section("captioning", captioning_section)
+
+
+def genie_edits_section(records: list[dict]) -> str | None:
+    blocks = []
+    for record in records:
+        examples = record.get("_examples") or {}
+        rows = examples.get("rows", [])
+        if not rows:
+            continue
+        ratios = ", ".join(f"{r:g}" for r in examples.get("ratios", []))
+        cells = [f'<div class="cand">{_image(row["png_base64"], row["title"], "figure")}'
+                 f'<div class="qtext">{html.escape(row["title"])}</div></div>' for row in rows]
+        flip = record["metrics"].get("flip_point")
+        verdict = "no flip" if flip is None or flip != flip else f"flip at r = {flip:g}"
+        curve = examples.get("curve_png_base64")
+        blocks.append(f'<h3>{html.escape(record["dataset"])}: source, then r = {ratios} ({verdict})</h3>'
+                      + "".join(cells) + (_image(curve, "semantic-flip curve", "figure") if curve else ""))
+    return "".join(blocks) or None
+
+
+register_report_section("genie_edits", genie_edits_section)

@@ -54,6 +54,7 @@ from clipforge.eval.zeroshot import (
 OPTIONAL_TASK_MODULES = ("clipforge.eval.regions",  # FineCLIP's region classification registers itself
                          "clipforge.eval.codes", "clipforge.eval.code_probes",  # image tokenizers' code tasks
                          "clipforge.eval.generation",  # text-to-image priors (capability generate)
+                         "clipforge.eval.genie_edits",  # GeNIe's label check (capability edit)
                          "clipforge.eval.frozen_transfer",  # attentive probe, captioning (image_tokens)
                          "clipforge.eval.lit")  # LiT retrieval: a text tower trained on the frozen image tokens
 
