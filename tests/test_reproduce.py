@@ -4,6 +4,7 @@ LCL's mined pairs and its equal-images bookkeeping."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,13 +113,15 @@ def test_equal_images_counts_the_blocks_that_fit_the_context(documents, tmp_path
 def test_every_reproduction_has_a_help_and_rejects_an_unknown_arm(capsys):
     from clipforge.cli import main
 
-    for method in ("fineclip", "lcl", "lgvq"):
+    for method in ("fineclip", "lcl", "lgvq", "genie"):
         with pytest.raises(SystemExit) as exit_info:
             main(["reproduce", method, "--help"])
         assert exit_info.value.code == 0
         assert "--seeds" in capsys.readouterr().out
-    assert main(["reproduce", "lgvq", "--arms", "nope", "--out", "/nonexistent/x", "--train-only"]) == 2
-    assert "unknown arm 'nope'" in capsys.readouterr().err
+    for method in ("lgvq", "genie"):
+        assert main(["reproduce", method, "--arms", "nope", "--out", "/nonexistent/x", "--train-only"]) == 2
+        assert "unknown arm 'nope'" in capsys.readouterr().err
+    assert not Path("/nonexistent/x").exists()
 
 
 def test_the_end_of_training_is_the_mean_of_the_last_records_that_have_the_metric(tmp_path):
