@@ -26,7 +26,7 @@ from torchvision import transforms
 
 from clipforge.config import ModelConfig
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge.models.family import ModelBundle, variant_or_file_settings
+from clipforge.models.family import ModelBundle, family_settings, variant_or_file_settings
 
 _TINY = {"image_size": 16, "block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
          "norm_groups": 4}
@@ -113,12 +113,7 @@ class ImageAutoencoder(nn.Module):
 
 def build_autoencoder(model_config: ModelConfig, device="cpu", model_kwargs: dict | None = None,
                       saved: dict | None = None) -> ModelBundle:
-    if saved is not None:
-        name = saved["name"]
-        settings = check_settings(dict(saved["settings"]), f"model.json of '{name}'")
-    else:
-        name = model_config.name
-        settings = check_settings({**variant_settings(name), **(model_kwargs or {})}, f"model '{name}'")
+    name, settings = family_settings(model_config, saved, model_kwargs, VARIANTS, "autoencoder", check_settings)
     model = ImageAutoencoder(**settings).to(device)
     preprocess = image_preprocess(settings["image_size"])
     config = {"family": "autoencoder", "name": name, "settings": settings}

@@ -37,7 +37,7 @@ from torch import nn
 
 from clipforge.config import ModelConfig
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge.models.family import ModelBundle, variant_or_file_settings
+from clipforge.models.family import ModelBundle, family_settings, variant_or_file_settings
 
 _TINY = {"context_length": 24, "width": 32, "layers": 2, "heads": 2, "temperature": 1.0, "top_k": 0,
          "guidance": 2.0, "tokenizer": None}
@@ -293,12 +293,7 @@ class CodePrior(nn.Module):
 def build_code_prior(model_config: ModelConfig, device="cpu", model_kwargs: dict | None = None,
                      saved: dict | None = None) -> ModelBundle:
     """`model_kwargs` may carry {"tokenizer": RUN} (the code_ar objective's); `saved` is a model.json."""
-    if saved is not None:
-        name = saved["name"]
-        settings = check_settings(dict(saved["settings"]), f"model.json of '{name}'")
-    else:
-        name = model_config.name
-        settings = check_settings({**variant_settings(name), **(model_kwargs or {})}, f"model '{name}'")
+    name, settings = family_settings(model_config, saved, model_kwargs, VARIANTS, "code_prior", check_settings)
     tokenizer, preprocess, settings["tokenizer"] = build_image_tokenizer(settings["tokenizer"], device,
                                                                          saved=saved is not None)
     arguments = {k: v for k, v in settings.items() if k != "tokenizer"}

@@ -41,7 +41,7 @@ from torch import nn
 from clipforge.config import ModelConfig
 from clipforge.errors import ConfigError
 from clipforge.models.autoencoder import image_preprocess, open_frozen_run
-from clipforge.models.family import ModelBundle, variant_or_file_settings
+from clipforge.models.family import ModelBundle, family_settings, variant_or_file_settings
 
 SEEDED = "seeded"
 _TINY = {"image_size": 16, "block_out_channels": [8, 16], "layers_per_block": 1, "attention_head_dim": 2,
@@ -288,12 +288,7 @@ class TextConditionedDiffusion(nn.Module):
 def build_diffusion(model_config: ModelConfig, device="cpu", model_kwargs: dict | None = None,
                     saved: dict | None = None) -> ModelBundle:
     """`model_kwargs` may carry {"text": CLIP run, "autoencoder": autoencoder run} (the diffusion objective's)."""
-    if saved is not None:
-        name = saved["name"]
-        settings = check_settings(dict(saved["settings"]), f"model.json of '{name}'")
-    else:
-        name = model_config.name
-        settings = check_settings({**variant_settings(name), **(model_kwargs or {})}, f"model '{name}'")
+    name, settings = family_settings(model_config, saved, model_kwargs, VARIANTS, "diffusion", check_settings)
     text_encoder, tokenizer, settings["text"] = build_text_encoder(settings["text"], device)
     vae, settings["autoencoder"] = build_frozen_vae(settings["autoencoder"], device)
     model = TextConditionedDiffusion(settings, text_encoder, tokenizer, vae).to(device)

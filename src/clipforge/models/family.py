@@ -75,3 +75,15 @@ def variant_or_file_settings(name: str, variants: dict[str, dict], family: str, 
     if not isinstance(body, dict):
         raise ConfigError(f"{family} model file '{path}' must hold a mapping of settings")
     return check({**(defaults or {}), **body})
+
+
+def family_settings(model_config, saved: dict | None, model_kwargs: dict | None, variants: dict[str, dict],
+                    family: str, check: Callable[[dict, str], dict]) -> tuple[str, dict]:
+    """(name, checked settings) a small-dict family builds from: a checkpoint's model.json (`saved`), or the
+    configured variant / settings file with the objective's `model_kwargs` over it. check(settings, where)."""
+    if saved is not None:
+        name = saved["name"]
+        return name, check(dict(saved["settings"]), f"model.json of '{name}'")
+    name = model_config.name
+    base = variant_or_file_settings(name, variants, family, lambda settings: check(settings, f"model '{name}'"))
+    return name, check({**base, **(model_kwargs or {})}, f"model '{name}'")

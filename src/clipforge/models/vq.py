@@ -44,7 +44,7 @@ from torchvision import transforms
 
 from clipforge.config import ModelConfig
 from clipforge.errors import ConfigError
-from clipforge.models.family import ModelBundle, variant_or_file_settings
+from clipforge.models.family import ModelBundle, family_settings, variant_or_file_settings
 
 QUANTIZERS = ("vq", "ema", "fsq", "simvq")
 
@@ -328,13 +328,7 @@ def build_vq(model_config: ModelConfig, device="cpu", model_kwargs: dict | None 
     from clipforge.distributed import is_enabled
     from clipforge.models.text_prior import build_text_prior
 
-    if saved is not None:
-        name = saved["name"]
-        settings = check_settings(dict(saved["settings"]), f"model.json of '{name}'")
-    else:
-        name = model_config.name
-        settings = {**variant_settings(name), **(model_kwargs or {})}
-        settings = check_settings(settings, f"model '{name}'")
+    name, settings = family_settings(model_config, saved, model_kwargs, VARIANTS, "vq", check_settings)
     prior = None
     if settings["text_prior"] is not None:
         prior = build_text_prior(settings["text_prior"], saved=saved is not None)
