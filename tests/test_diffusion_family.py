@@ -273,6 +273,14 @@ def test_genie_edits_finds_the_flip_where_the_edits_take_the_target_class(tmp_pa
     assert "flip at r = 0.6" in genie_edits_section([result])
 
 
+def test_genie_edits_refuses_a_ratio_outside_zero_one(tmp_path, monkeypatch):
+    from test_code_prior import judge_run
+
+    judge = judge_run.__wrapped__(tmp_path, monkeypatch)
+    with pytest.raises(ConfigError, match=r"eval.genie_ratios must be distinct noise ratios in \(0, 1\]"):
+        run_genie_edits(ThresholdEditor(), judge, [0.5, 1.5])
+
+
 def test_genie_edits_runs_on_the_trained_diffusion_model(trained, tmp_path, monkeypatch):
     from test_code_prior import judge_run
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from clipforge.config import EvalConfig
+from clipforge.errors import ConfigError
 from clipforge.eval.datasets import EvalDataset
 from clipforge.eval.features import compute_image_features
 from clipforge.eval.generation import image_grid, load_judge, tensor_images
@@ -59,6 +60,9 @@ def run_genie_edits(context: TaskContext, dataset: EvalDataset) -> TaskOutput:
     config, store = context.config, context.features
     model, classnames = store.model, dataset.classnames
     ratios = [float(r) for r in config.genie_ratios]
+    bad = [r for r in ratios if not 0.0 < r <= 1.0]
+    if bad or not ratios or len(set(ratios)) != len(ratios):
+        raise ConfigError(f"eval.genie_ratios must be distinct noise ratios in (0, 1], got {list(config.genie_ratios)}")
     count = min(config.genie_sources, len(dataset))
     rng = np.random.default_rng(config.seed)
     sources = sorted(rng.choice(len(dataset), size=count, replace=False).tolist())

@@ -177,7 +177,7 @@ def results_section(payload: dict, command: str, out: str) -> str:
         "",
         payload["longtail_table"],
         "",
-        f"Label check: a logistic-regression oracle on {sizes['oracle_train']} real images per novel class "
+        f"Label check: a logistic-regression oracle (C = 10) on {sizes['oracle_train']} real images per novel class "
         f"({100 * payload['oracle_accuracy']:.1f}% on held-out real images) labels the few-shot GeNIe edits "
         f"(r = 1: Txt2Img). Flip point (target ≥ source): r = {payload['flip_point_text']}.",
         "",
