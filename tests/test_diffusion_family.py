@@ -291,3 +291,18 @@ def test_genie_edits_runs_on_the_trained_diffusion_model(trained, tmp_path, monk
     metrics = run_genie_edits(model, judge, [0.5, 1.0])["metrics"]
     for r in ("0.5", "1"):
         assert 0.0 <= metrics[f"flip_target_r{r}"] + metrics[f"flip_source_r{r}"] <= 1.0
+
+
+def test_augment_genie_takes_the_exported_model_like_any_diffusers_folder(trained, tmp_path, tiny_shards):
+    """The embedded model goes through the tool's one loader: edits of the tiny shards toward two classes."""
+    from clipforge.augment.genie import augment_genie
+    from clipforge.augment.plan import GenieOptions
+    from clipforge.reproduce.genie_data import read_images
+
+    targets = ["red circle", "blue square"]
+    result = augment_genie(str(tiny_shards), trained["export"], tmp_path / "edits", targets=targets,
+                           options=GenieOptions(steps=4, guidance=2.0, shard_size=64), batch_size=32)
+    records = read_images(tmp_path / "edits")
+    assert result.complete and len(records) == result.num_samples > 0
+    assert {meta["target_class"] for meta, _ in records} <= set(targets)
+    assert all(image.size == (16, 16) for _, image in records)  # the model's own image side
