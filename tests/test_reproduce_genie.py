@@ -94,3 +94,17 @@ def test_the_edits_are_genies_budget_and_keyed_by_source_target_and_ratio(reprod
     assert all(m["classname"] == m["source_class"] != m["copy_for_class"] for m in copies)
     txt2img = [meta for meta, _ in read_images(edits / "fewshot_txt2img_1")]
     assert {m["ratio"] for m in txt2img} == {1.0} and len(txt2img) == len(genie)
+
+
+def test_an_img2img_copy_and_a_genie_edit_of_the_same_pair_stay_apart():
+    """Img2Img's copy of image s made for class o at r and GeNIe's edit of s toward o at r share (source, class,
+    r): the mode keeps them apart, and a repeated key is refused rather than silently overwritten."""
+    from clipforge.reproduce.genie_eval import EditTable
+
+    table = EditTable()
+    genie = {"mode": "genie", "source_key": "s", "target_class": "o", "ratio": 0.7}
+    copy = {"mode": "img2img", "source_key": "s", "target_class": "c", "copy_for_class": "o", "ratio": 0.7}
+    table.add([genie, copy], torch.tensor([[1.0], [2.0]]))
+    assert table.lookup([("genie", "s", "o", 0.7), ("img2img", "s", "o", 0.7)]).flatten().tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="two edits share the key"):
+        table.add([genie], torch.tensor([[3.0]]))

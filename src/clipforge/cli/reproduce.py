@@ -94,7 +94,7 @@ def add_parser(subparsers) -> None:
     genie.add_argument("--episodes", type=int, default=100, help="few-shot episodes per seed and shot count")
     genie.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="K of the K-shot episodes")
     genie.add_argument("--steps", type=int, default=20, help="denoising steps at r = 1 (DPM-Solver++)")
-    genie.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of every edit")
+    genie.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of every edit")
     genie.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
                        help="overrides of the diffusion model's training config (e.g. train.max_steps=2000)")
     genie.add_argument("--configs", default="configs", help="folder with the clip_/genie_*_synth.yaml configs")

@@ -44,6 +44,7 @@ ARMS: tuple[Arm, ...] = (
 )
 FLIP_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SHOTS = (1, 5)
+PROTOCOL_VERSION = 2  # bumped when the evaluation changes, so cached results are recomputed (edits are kept)
 ORACLE_C = 10.0  # the label check's classifier: weaker regularisation than the few-shot one, 40 images per class
 
 
@@ -183,7 +184,7 @@ def reproduce_genie(out_dir: str | Path = "runs/reproduce_genie", *, seeds: Sequ
         return {}
     model = load_diffusion(folder, scheduler="dpm")
     backbone = genie_data.Backbone(out / "clip")
-    key = {"sizes": dataclasses.asdict(sizes), "episodes": episodes, "shots": list(shots),
+    key = {"protocol": PROTOCOL_VERSION, "sizes": dataclasses.asdict(sizes), "episodes": episodes, "shots": list(shots),
            "model": model.fingerprint, "backbone": backbone.identity}
     per_seed: dict[int, dict] = {}
     for seed in seeds:

@@ -42,7 +42,7 @@ class Sizes:
     longtail_sources: int = 24  # long tail: head-class images that GeNIe edits toward the tail classes
     longtail_test: int = 20  # long tail: balanced test images per class
     steps: int = 20  # denoising steps at r = 1 (DPM-Solver++ 2)
-    guidance: float = 5.0
+    guidance: float = 3.0
     batch_size: int = 64
 
 

@@ -29,26 +29,29 @@ GENIE_RATIO = 0.8
 
 
 class EditTable:
-    """Features of edits, looked up by (source key, class name, ratio); class name: the target (genie,
-    txt2img) or the copy's other class (img2img)."""
+    """Features of edits, looked up by (mode, source key, class name, ratio); class name: the target (genie,
+    txt2img) or the copy's other class (img2img). The mode keeps an Img2Img copy at r apart from the GeNIe edit
+    of the same image toward the same class at the same r."""
 
     def __init__(self):
-        self.rows: dict[tuple[str, str, float], int] = {}
+        self.rows: dict[tuple[str, str, str, float], int] = {}
         self.parts: list[torch.Tensor] = []
         self._size = 0
 
-    def add(self, records: list[dict], features: torch.Tensor, ratio: float | None = None) -> None:
+    def add(self, records: list[dict], features: torch.Tensor) -> None:
         for i, meta in enumerate(records):
             name = meta.get("copy_for_class", meta["target_class"])
-            self.rows[(meta["source_key"], name, float(ratio if ratio is not None else meta["ratio"]))] = \
-                self._size + i
+            key = (meta["mode"], meta["source_key"], name, float(meta["ratio"]))
+            if key in self.rows:
+                raise ValueError(f"two edits share the key {key}")
+            self.rows[key] = self._size + i
         self.parts.append(features)
         self._size += len(records)
 
     def features(self) -> torch.Tensor:
         return torch.cat(self.parts) if self.parts else torch.empty(0, 0)
 
-    def lookup(self, keys: Sequence[tuple[str, str, float]]) -> torch.Tensor:
+    def lookup(self, keys: Sequence[tuple[str, str, str, float]]) -> torch.Tensor:
         table = self.features()
         return table[[self.rows[k] for k in keys]]
 
@@ -78,13 +81,13 @@ def fewshot_arm(arm: str, episode: protocols.Episode, *, keys: dict[int, str], n
     target_name = [names[c] for c in episode.classes]
     if arm in ("genie", "txt2img"):
         ratio = GENIE_RATIO if arm == "genie" else 1.0
-        extra_x = edits.lookup([(keys[item], target_name[t], ratio) for item, _, t in pairs])
+        extra_x = edits.lookup([(arm, keys[item], target_name[t], ratio) for item, _, t in pairs])
         extra_y = [t for _, _, t in pairs]
     elif arm == "genie_ada":
         prototypes = [support_x[[j for j, y in enumerate(support_y) if y == w]].mean(dim=0) for w in range(ways)]
         picked = []
         for item, _, t in pairs:
-            grid = edits.lookup([(keys[item], target_name[t], r) for r in GRID])
+            grid = edits.lookup([("genie", keys[item], target_name[t], r) for r in GRID])
             index = ada_choice(real[keys[item]], prototypes[t], grid)
             picked.append(grid[index])
             if chosen is not None:
@@ -94,7 +97,7 @@ def fewshot_arm(arm: str, episode: protocols.Episode, *, keys: dict[int, str], n
         ratio = float(arm.removeprefix("img2img_"))
         copies = [(item, t, other) for t in range(ways) for other in range(ways) if other != t
                   for item in episode.support[t]]
-        extra_x = edits.lookup([(keys[item], target_name[other], ratio) for item, _, other in copies])
+        extra_x = edits.lookup([("img2img", keys[item], target_name[other], ratio) for item, _, other in copies])
         extra_y = [t for _, t, _ in copies]
     elif arm in ("mixup", "cutmix"):
         images = torch.stack([pixels[keys[i]] for i in support_items])
@@ -128,11 +131,11 @@ def longtail_extra(arm: str, *, counts: dict[int, int], target: int, train_keys:
             for j in picked:
                 source = sources[int(j)]
                 if arm == "genie_ada":
-                    grid = edits.lookup([(source, names[c], r) for r in GRID])
+                    grid = edits.lookup([("genie", source, names[c], r) for r in GRID])
                     features.append(grid[ada_choice(real[source], prototype, grid)])
                 else:
                     ratio = GENIE_RATIO if arm == "genie" else 1.0
-                    features.append(edits.lookup([(source, names[c], ratio)])[0])
+                    features.append(edits.lookup([(arm, source, names[c], ratio)])[0])
                 labels.append(index_of[c])
     elif arm.startswith("img2img_"):
         ratio = float(arm.removeprefix("img2img_"))
@@ -141,7 +144,7 @@ def longtail_extra(arm: str, *, counts: dict[int, int], target: int, train_keys:
             copies = [(k, o) for o in others if o != names[c] for k in train_keys[c]]
             for j in rng.choice(len(copies), size=min(need, len(copies)), replace=False):
                 key, other = copies[int(j)]
-                features.append(edits.lookup([(key, other, ratio)])[0])
+                features.append(edits.lookup([("img2img", key, other, ratio)])[0])
                 labels.append(index_of[c])
     elif arm in ("mixup", "cutmix"):
         all_keys = [k for c in counts for k in train_keys[c]]
@@ -185,11 +188,12 @@ def label_check(edits: EditTable, ratios: Sequence[float], oracle: tuple[torch.T
     weight, bias = oracle
     table = edits.features()
     predictions, sources, targets = {}, {}, {}
-    for ratio in ratios:
-        rows = [(key, row) for key, row in edits.rows.items() if key[2] == ratio]
+    for ratio in ratios:  # GeNIe's edits; at r = 1 the Txt2Img ones (pure noise with the target prompt)
+        mode = "txt2img" if ratio >= 1.0 else "genie"
+        rows = [(key, row) for key, row in edits.rows.items() if key[0] == mode and key[3] == ratio]
         predictions[ratio] = protocols.predict_logistic(weight, bias, table[[row for _, row in rows]]).numpy()
-        sources[ratio] = np.array([source_class[key[0]] for key, _ in rows])
-        targets[ratio] = np.array([class_index[key[1]] for key, _ in rows])
+        sources[ratio] = np.array([source_class[key[1]] for key, _ in rows])
+        targets[ratio] = np.array([class_index[key[2]] for key, _ in rows])
     curve = {}
     for ratio in ratios:  # flip_curve takes one label set; rows differ per ratio only in order, so per ratio
         curve.update(protocols.flip_curve([ratio], [predictions[ratio]], sources[ratio], targets[ratio]))
