@@ -98,8 +98,16 @@ def edit_grid(folders: dict[float, Path], sources: Path, path: Path, pairs: int 
     common_pairs = sorted(set.intersection(*(set(e) for e in edits.values()))) if edits else []
     if not common_pairs:
         return None
-    step = max(1, len(common_pairs) // pairs)
-    chosen = common_pairs[::step][:pairs]
+    by_source: dict[str, list[str]] = {}
+    for source_key, target in common_pairs:
+        by_source.setdefault(source_key, []).append(target)
+    sources = sorted(by_source)[::max(1, len(by_source) // pairs)][:pairs]
+    chosen, used = [], set()
+    for row, source_key in enumerate(sources):  # a different target class in every row
+        options = [t for t in by_source[source_key] if t not in used] or by_source[source_key]
+        target = options[(row * 7) % len(options)]
+        used.add(target)
+        chosen.append((source_key, target))
     side = next(iter(real.values()))[1].size[0] * scale
     label_h, pad = 14, 4
     width = (side + pad) * (len(ratios) + 1) + pad
