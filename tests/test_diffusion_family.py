@@ -271,6 +271,9 @@ def test_genie_edits_finds_the_flip_where_the_edits_take_the_target_class(tmp_pa
     from clipforge.eval.report_sections import genie_edits_section
 
     assert "flip at r = 0.6" in genie_edits_section([result])
+    from clipforge.eval.results import is_fraction
+
+    assert not is_fraction("flip_point", 0.6) and is_fraction("flip_target_r0.6", 1.0)  # r is shown as r, not %
 
 
 def test_genie_edits_refuses_a_ratio_outside_zero_one(tmp_path, monkeypatch):

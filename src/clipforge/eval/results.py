@@ -85,7 +85,8 @@ def write_json(payload: dict, path: Path) -> Path:
 
 
 # metrics that are numbers in their own unit, never a fraction shown in percent (even when they fall in [0, 1])
-_UNIT_METRICS = ("psnr", "ssim", "frechet", "fid", "mse", "l1", "perplexity", "bleu", "cider", "loss", "entropy")
+_UNIT_METRICS = ("psnr", "ssim", "frechet", "fid", "mse", "l1", "perplexity", "bleu", "cider", "loss", "entropy",
+                 "flip_point")  # flip_point: a noise ratio r, not a share
 
 
 def is_fraction(name: str, value) -> bool:
