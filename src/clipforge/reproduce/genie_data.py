@@ -49,7 +49,7 @@ class Sizes:
 # ---- the models ------------------------------------------------------------------------------------------------
 
 def model_configs(out: Path, config_dir: Path, overrides: Sequence[str] = ()) -> dict:
-    common = ["train.progress=false", "eval.at_end=false"]
+    common = ["eval.at_end=false"]  # the engine's own progress bar: these are the long trainings (10-25 min each)
     clip = load_config(config_dir / "clip_synth_tiny.yaml", [*common, f"output_dir={out / 'clip'}", "name=clip"])
     autoencoder = load_config(config_dir / "genie_autoencoder_synth.yaml",
                               [*common, f"output_dir={out / 'autoencoder'}", "name=autoencoder"])
