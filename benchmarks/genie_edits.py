@@ -74,30 +74,19 @@ def unet_config(latent_side: int = 16, channels: int = 4) -> dict:
     return {**EMBEDDED_UNET, "sample_size": latent_side, "in_channels": channels, "out_channels": channels}
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A byte-level CLIP BPE with no merges (as tests/test_genie.py writes): every byte alone and as a word end."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TEXT_TOKENS}))
-
-
 def build_model_folder(folder: Path, latent_side: int = 16) -> Path:
     """A random-weight Stable-Diffusion-layout folder of the embedded architecture at `latent_side`."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
+    from clipforge.models.hf.tokenizer import clip_tokenizer
+
     transformers_logging.disable_progress_bar()  # save_pretrained's "Writing model shards"
-    write_tokenizer(folder.parent / f"{folder.name}-tokenizer-files")
-    tokenizer = CLIPTokenizer.from_pretrained(folder.parent / f"{folder.name}-tokenizer-files")
+    # the embedded model's own tokenizer: open_clip's BPE as a transformers CLIPTokenizer (what the export writes)
+    (folder.parent / f"{folder.name}-tokenizer-files").mkdir(parents=True)
+    tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-files", TEXT_TOKENS)
     torch.manual_seed(0)
     parts = {
         "unet": UNet2DConditionModel(**unet_config(latent_side)),
