@@ -140,20 +140,24 @@ def frozen_run_spec(run: str | Path, family: str, what: str) -> dict:
             "sha256": file_sha256(weights)}
 
 
+def resolve_frozen_run(spec: dict | str | Path, family: str, what: str) -> dict:
+    """The spec of a run folder, or of a recorded spec whose weights must still be the recorded ones
+    (CheckpointError otherwise); its "checkpoint" is the folder to load."""
+    if not isinstance(spec, dict):
+        return frozen_run_spec(spec, family, what)
+    where = spec["checkpoint"] if Path(spec["checkpoint"]).is_dir() else spec["run"]
+    current = frozen_run_spec(where, family, what)
+    if current["sha256"] != spec["sha256"]:
+        raise CheckpointError(f"this model was trained over the {what} {spec['checkpoint']} (sha256 "
+                              f"{spec['sha256'][:12]}), but '{where}' now holds {current['sha256'][:12]}")
+    return {**current, "run": spec["run"]}
+
+
 def open_frozen_run(spec: dict | str | Path, family: str, what: str, device) -> tuple[nn.Module, dict]:
-    """(model in eval mode, frozen, with no gradient; its spec) from a run folder or a recorded spec, whose weights
-    must still be the recorded ones (CheckpointError otherwise)."""
+    """(model in eval mode, frozen, with no gradient; its spec) from a run folder or a recorded spec
+    (resolve_frozen_run)."""
     from clipforge.models.factory import load_model
 
-    if isinstance(spec, dict):
-        where = spec["checkpoint"] if Path(spec["checkpoint"]).is_dir() else spec["run"]
-        current = frozen_run_spec(where, family, what)
-        if current["sha256"] != spec["sha256"]:
-            raise CheckpointError(f"this model was trained over the {what} {spec['checkpoint']} (sha256 "
-                                  f"{spec['sha256'][:12]}), but '{where}' now holds {current['sha256'][:12]}")
-        current = {**current, "run": spec["run"]}
-    else:
-        current = frozen_run_spec(spec, family, what)
-        where = current["checkpoint"]
-    model, _, _ = load_model(None, checkpoint=where, device=device)
+    current = resolve_frozen_run(spec, family, what)
+    model, _, _ = load_model(None, checkpoint=current["checkpoint"], device=device)
     return model.eval().requires_grad_(False), current

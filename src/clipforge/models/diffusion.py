@@ -123,16 +123,11 @@ def build_text_encoder(spec, device) -> tuple[nn.Module, object, dict]:
     else:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from clipforge.models.autoencoder import frozen_run_spec
+        from clipforge.models.autoencoder import resolve_frozen_run
         from clipforge.models.hf import export_transformers
         from clipforge.models.hf.quiet import transformers_quiet
 
-        if isinstance(spec, dict):  # recorded: the same weights must still be there
-            open_frozen_run(spec, "clip", "text encoder", "cpu")
-            where = spec["checkpoint"] if Path(spec["checkpoint"]).is_dir() else spec["run"]
-            spec = {**frozen_run_spec(where, "clip", "text encoder"), "run": spec["run"]}
-        else:
-            spec = frozen_run_spec(spec, "clip", "text encoder")
+        spec = resolve_frozen_run(spec, "clip", "text encoder")  # recorded: the same weights must still be there
         with tempfile.TemporaryDirectory() as folder:
             export_transformers(spec["checkpoint"], Path(folder) / "clip")
             with transformers_quiet():

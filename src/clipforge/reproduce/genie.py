@@ -81,8 +81,8 @@ class SeedData:
         self.pools = pools
         self.names = {c: CLASSNAMES[c] for c in NOVEL_CLASSES}
         classes = [self.names[c] for c in NOVEL_CLASSES]
-        self.keys = {i: genie_data.real_key(seed, i) for pool in pools.values() for items in pool.values()
-                     for i in items}
+        indices = [i for pool in pools.values() for items in pool.values() for i in items]
+        self.keys = dict(zip(indices, genie_data.real_keys(seed, indices)))
         rng = np.random.default_rng([seed, 11])
         order = [int(c) for c in rng.permutation(NOVEL_CLASSES)]  # which class is the head, which the tail
         counts = zipf_counts(len(order), largest=sizes.longtail_largest, smallest=1)

@@ -113,10 +113,12 @@ def write_real(folder: Path, seed: int, indices: Sequence[int]) -> Path:
     return folder
 
 
-def real_key(seed: int, index: int) -> str:
+def real_keys(seed: int, indices: Sequence[int]) -> list[str]:
+    """The record keys of reproduction seed `seed`'s real images `indices`."""
     from clipforge.data.synth import SynthScenes
 
-    return SynthScenes(image_size=IMAGE_SIZE, seed=REAL_SEED_BASE + seed, split="novel").key(index)
+    generator = SynthScenes(image_size=IMAGE_SIZE, seed=REAL_SEED_BASE + seed, split="novel")
+    return [generator.key(i) for i in indices]
 
 
 # ---- edits -------------------------------------------------------------------------------------------------------

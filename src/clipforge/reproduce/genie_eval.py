@@ -45,11 +45,11 @@ class EditTable:
             if key in self.rows:
                 raise ValueError(f"two edits share the key {key}")
             self.rows[key] = self._size + i
-        self.parts.append(features)
+        self.parts = [torch.cat([*self.parts, features])]  # one table: lookups index it directly
         self._size += len(records)
 
     def features(self) -> torch.Tensor:
-        return torch.cat(self.parts) if self.parts else torch.empty(0, 0)
+        return self.parts[0] if self.parts else torch.empty(0, 0)
 
     def lookup(self, keys: Sequence[tuple[str, str, str, float]]) -> torch.Tensor:
         table = self.features()

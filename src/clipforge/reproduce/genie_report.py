@@ -54,10 +54,9 @@ def longtail_table(arms: Sequence[Arm], per_seed: dict[int, dict]) -> str:
 
 
 def mean_curve(per_seed: dict[int, dict]) -> dict[float, dict[str, float]]:
-    curves = [per_seed[s]["label_check"]["curve"] for s in sorted(per_seed)]
-    ratios = sorted({float(r) for curve in curves for r in curve})
-    return {r: {part: float(np.mean([c[f"{r:g}" if f"{r:g}" in c else str(r)][part] for c in curves]))
-                for part in ("target", "source", "other")} for r in ratios}
+    curves = [{float(r): v for r, v in per_seed[s]["label_check"]["curve"].items()} for s in sorted(per_seed)]
+    return {r: {part: float(np.mean([c[r][part] for c in curves])) for part in ("target", "source", "other")}
+            for r in sorted(curves[0])}
 
 
 def flip_table(curve: dict[float, dict[str, float]]) -> str:
